@@ -1,0 +1,15 @@
+"""Client-side encoding with the cheap first encoder E1 (SPEC §1, federated scenario)."""
+from __future__ import annotations
+
+import torch
+
+from shared.models.first_encoder import FirstEncoder
+
+
+@torch.no_grad()
+def encode_images(first_encoder: FirstEncoder, images: torch.Tensor, batch_size: int = 512,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Images (N, C, S, S) in [-1, 1] -> latents (N, c, s, s) float32 on CPU."""
+    device = device or next(first_encoder.parameters()).device
+    out = [first_encoder(images[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)

@@ -1,0 +1,121 @@
+"""Flower ServerApp: pretrain E1/D on the public split, collect sealed latents, condense, report (issue 3).
+
+`app` is the component `flwr run` loads (config from `[tool.flwr.app.config]` / `--run-config`);
+`run_simulation_demo` runs the same body in Flower's simulation engine (the embedded default).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import collect
+from server.pipeline import condense_and_evaluate
+from server.pool import LatentPool
+from server.pretrain import load_or_train_autoencoder
+from shared.config import DemoConfig, FederationConfig
+from shared.data import ImageSplit, load_dataset
+from shared.device import resolve_device, seed_everything
+
+log = logging.getLogger("fedcondense.server")
+
+
+def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.data.seed)
+    ds = load_dataset(cfg.data)
+    e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, device)
+    pool = LatentPool(out / "pool")
+    fed = collect(grid, e1.cpu(), cfg.data, cfg.federation, pool, ds.num_classes)
+    e1.to(device)
+    latents, labels, owners = pool.load()
+    fed["uplink_bytes_per_image"] = fed["bytes_received"] / max(len(labels), 1)
+    fed["raw_bytes_per_image"] = ds.raw_bytes_per_image
+    info = {"mode": "federated", "pretrain": ae["seconds"], "federation": fed,
+            "checkpoints": {"autoencoder": ae["path"]}}
+    return condense_and_evaluate(ds, cfg, e1, dec, ImageSplit(latents, labels, owners * 10**7 + _local_index(owners)),
+                                 info, out, device)
+
+
+def _local_index(owners):
+    """Position of each latent within its node's submission (ids are node_id * 1e7 + index)."""
+    import torch
+    idx = torch.zeros_like(owners)
+    for node in owners.unique():
+        mask = owners == node
+        idx[mask] = torch.arange(int(mask.sum()))
+    return idx
+
+
+def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
+    """Map `[tool.flwr.app.config]` keys onto the typed config (unknown keys are an error)."""
+    known = {"out", "clients", "alpha", "iid", "ipc", "T", "layout", "device", "train-limit", "test-limit",
+             "ae-steps", "chain-steps", "module-steps", "student-steps", "full-epochs", "timeout",
+             "chunk-size", "no-full"}
+    unknown = set(run_config) - known
+    if unknown:
+        raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")
+    from server.cli import build_parser, demo_config
+    argv = ["demo", "--out", str(run_config.get("out", "runs/federated"))]
+    for key, value in run_config.items():
+        if key in {"out"}:
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{key}"] if value else []
+        else:
+            argv += [f"--{key}", str(value)]
+    args = build_parser().parse_args(argv)
+    return demo_config(args), Path(args.out)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, out = config_from_run_config(dict(context.run_config))
+    report = run_federated(grid, cfg, out)
+    log.info("report written to %s (synthetic accuracy %.4f)", out / "report.json", report["accuracy"]["synthetic"])
+
+
+def make_server_app(cfg: DemoConfig, out: Path) -> ServerApp:
+    sim_app = ServerApp()
+
+    @sim_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federated(grid, cfg, out)
+
+    return sim_app
+
+
+def run_simulation_demo(cfg: DemoConfig, out: Path) -> dict:
+    """Flower simulation engine, one SuperNode per client, each with one CPU."""
+    import json
+
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    for var in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "RAY_USAGE_STATS_ENABLED"):
+        os.environ.setdefault(var, "0")
+    os.environ.setdefault("FLWR_HOME", str(Path(out).resolve() / ".flwr"))
+    fed = cfg.federation or FederationConfig()
+    cfg = replace(cfg, federation=fed)
+    out = Path(out)
+    (out / "report.json").unlink(missing_ok=True)
+    start = time.time()
+    run_simulation(server_app=make_server_app(cfg, out), client_app=client_app, num_supernodes=fed.clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False}})
+    if not (out / "report.json").exists():
+        raise RuntimeError(f"the simulated federation ended without a report in {out}; see the log above")
+    report = json.loads((out / "report.json").read_text())
+    report["seconds"]["wall"] = time.time() - start
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,186 @@
+"""`fedcondense` command line: pretrain, condense, student, demo (issue 2)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    p.add_argument("--data-dir", default=None, help="directory holding the 4 IDX .gz files (default: Debian package)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only this many private training images")
+    p.add_argument("--test-limit", type=int, default=None, help="evaluate on this many test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--T", type=int, default=None, help="chain length / images per synthetic image (default 20)")
+    p.add_argument("--layout", choices=["separate", "shared"], default=None)
+    p.add_argument("--ae-steps", type=int, default=None, help="autoencoder training steps")
+    p.add_argument("--chain-steps", type=int, default=None, help="shared-estimator training steps")
+    p.add_argument("--module-steps", type=int, default=None, help="per-module fine-tuning steps (separate layout)")
+
+
+def _add_condense(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--selection", choices=["random", "one-to-one"], default=None)
+    p.add_argument("--class-plan", choices=["pure", "mixed"], default=None)
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
+    p.add_argument("--noise-init", choices=["random", "preset"], default=None)
+    p.add_argument("--ratio", type=float, default=None, help="budget as synthetic/real ratio instead of IPC")
+    p.add_argument("--max-coverage", action="store_true", help="every real latent conditions exactly one image")
+
+
+def _add_student(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", default=None, help="convnet3 | resnet18 | mobilenet_v2 | shufflenet_v2")
+    p.add_argument("--student-steps", type=int, default=None)
+    p.add_argument("--full-epochs", type=float, default=None)
+
+
+def _add_federation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local", action="store_true", help="single machine, no federation")
+    p.add_argument("--clients", type=int, default=None, help="simulated clients (default 10)")
+    p.add_argument("--alpha", type=float, default=None, help="Dirichlet alpha of the non-IID split (default 0.5)")
+    p.add_argument("--iid", action="store_true", help="IID split instead of Dirichlet")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for a round of client replies")
+    p.add_argument("--chunk-size", type=int, default=None, help="latents per sealed message")
+
+
+def demo_config(args):
+    from shared.config import (AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, DemoConfig,
+                               FederationConfig, StudentConfig, override)
+    cfg = DemoConfig()
+    data = override(DataConfig(), data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed)
+    ae = override(AutoencoderConfig(), steps=args.ae_steps)
+    chain = override(ChainConfig(), T=args.T, layout=args.layout, shared_steps=args.chain_steps, module_steps=args.module_steps)
+    cond = override(CondenseConfig(), selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
+                    sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
+                    ratio=getattr(args, "ratio", None), seed=args.seed)
+    if getattr(args, "max_coverage", False):
+        cond = replace(cond, max_coverage=True, ipc=None)
+    student = override(StudentConfig(), model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),
+                       full_epochs=getattr(args, "full_epochs", None), seed=args.seed)
+    ipcs = tuple(getattr(args, "ipc", None) or cfg.ipcs)
+    baselines = tuple(b for b in cfg.baselines if not (b == "full_real" and getattr(args, "no_full", False)))
+    fed = None
+    if not getattr(args, "local", True):
+        fed = override(FederationConfig(), clients=args.clients, alpha=args.alpha, timeout=args.timeout,
+                       chunk_size=args.chunk_size, partition_seed=args.seed, iid=args.iid or None)
+    return replace(cfg, data=data, autoencoder=ae, chain=chain, condense=cond, student=student, ipcs=ipcs,
+                   baselines=baselines, device=args.device, federation=fed)
+
+
+def cmd_demo(args) -> int:
+    from server.pipeline import format_table, run_demo
+    cfg = demo_config(args)
+    if cfg.federation is None:
+        report = run_demo(cfg, Path(args.out))
+    else:
+        from server.app import run_simulation_demo
+        report = run_simulation_demo(cfg, Path(args.out))
+    print(format_table(report))
+    print(f"report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from server.pipeline import build_models
+    from shared.data import load_dataset
+    from shared.device import resolve_device
+    cfg = demo_config(args)
+    ds = load_dataset(cfg.data)
+    if args.what == "autoencoder":
+        from server.pretrain import load_or_train_autoencoder
+        *_, info = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, resolve_device(cfg.device))
+    else:
+        *_, info = build_models(ds, cfg, resolve_device(cfg.device))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_condense(args) -> int:
+    from server.condense import condense
+    from server.pipeline import build_models
+    from shared.data import load_dataset
+    from shared.device import resolve_device
+    cfg = demo_config(args)
+    if args.ratio is None and not args.max_coverage:
+        cfg = replace(cfg, condense=replace(cfg.condense, ipc=args.ipc[0] if args.ipc else cfg.condense.ipc))
+    device = resolve_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    models, latents, _ = build_models(ds, cfg, device)
+    syn = condense(latents, ds.private.labels, ds.private.ids, ds.num_classes, models, cfg.chain, cfg.condense, device)
+    syn.save(Path(args.out), ds.class_names)
+    print(f"{len(syn)} synthetic images from {syn.meta['real_latents_used']} real latents in "
+          f"{syn.meta['seconds']:.1f}s ({len(syn) / syn.meta['seconds']:.1f} images/s) -> {args.out}")
+    return 0
+
+
+def cmd_student(args) -> int:
+    from server.condense import SyntheticSet
+    from server.student import fit_and_score
+    from shared.data import load_dataset
+    from shared.device import resolve_device
+    cfg = demo_config(args)
+    syn = SyntheticSet.load(Path(args.synthetic))
+    ds = load_dataset(cfg.data)
+    result = fit_and_score(syn.images, syn.labels, ds.test, cfg.student, resolve_device(cfg.device), loss=args.loss)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_certs(args) -> int:
+    from server.certs import make_certificates
+    paths = make_certificates(Path(args.out), args.host, args.nodes, args.days)
+    print(json.dumps(paths, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedcondense", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="whole pipeline at demo scale; writes OUT/report.json")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--ipc", type=int, nargs="+", default=None, help="images per class, e.g. --ipc 1 10 50")
+    p.add_argument("--no-full", action="store_true", help="skip the full-real upper bound")
+    for add in (_add_common, _add_condense, _add_student, _add_federation):
+        add(p)
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("pretrain", help="train (or load cached) models")
+    p.add_argument("what", choices=["autoencoder", "chain"])
+    _add_common(p)
+    p.set_defaults(fn=cmd_pretrain)
+    p = sub.add_parser("condense", help="make a synthetic set from the private split")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ipc", type=int, nargs=1, default=None)
+    _add_common(p)
+    _add_condense(p)
+    p.set_defaults(fn=cmd_condense)
+    p = sub.add_parser("student", help="train a student on a synthetic set, report test accuracy")
+    p.add_argument("--synthetic", required=True, help="directory written by `condense`")
+    p.add_argument("--loss", default="soft_ce")
+    _add_common(p)
+    _add_student(p)
+    p.set_defaults(fn=cmd_student)
+    p = sub.add_parser("certs", help="CA, SuperLink certificate (with SANs) and SuperNode key pairs")
+    p.add_argument("--out", default="deploy/certs")
+    p.add_argument("--host", nargs="+", default=["localhost", "127.0.0.1"], help="SANs: DNS names and IPs of the SuperLink")
+    p.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to make")
+    p.add_argument("--days", type=int, default=365)
+    p.set_defaults(fn=cmd_certs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        print(f"fedcondense {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

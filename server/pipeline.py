@@ -1,0 +1,148 @@
+"""The single-machine pipeline behind `fedcondense demo` (issue 2 §7).
+
+data -> autoencoder (public split) -> E1 latents of the private split (client side) -> E2 + chain
+-> condensation per IPC -> students: synthetic, random real of equal size, full real -> report.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from client.encode import encode_images
+from server.condense import SyntheticSet, condense
+from server.pretrain import load_or_train_autoencoder, load_or_train_chain
+from server.student import fit_and_score, one_hot
+from shared.cache import to_jsonable
+from shared.config import DemoConfig
+from shared.data import Dataset, ImageSplit, load_dataset
+from shared.device import device_name, resolve_device, seed_everything
+
+
+def random_real_like(private: ImageSplit, synthetic: SyntheticSet, seed: int) -> ImageSplit:
+    """A random real subset with the synthetic set's per-class image counts (its argmax labels)."""
+    gen = torch.Generator().manual_seed(seed)
+    want = torch.bincount(synthetic.labels.argmax(1), minlength=int(private.labels.max()) + 1)
+    picks = []
+    for c, n in enumerate(want.tolist()):
+        pool = torch.nonzero(private.labels == c).flatten()
+        picks.append(pool[torch.randperm(len(pool), generator=gen)[:n]])
+    return private.subset(torch.cat(picks))
+
+
+def build_models(ds: Dataset, cfg: DemoConfig, device: torch.device) -> tuple[dict, torch.Tensor, dict]:
+    """Single machine: pretrain/load every model and encode the private split (used by `condense`)."""
+    e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, device)
+    latents, encode_s = encode_local(ds, e1, device)
+    e2, est, chain = load_or_train_chain(latents, cfg.chain, device)
+    models = {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
+    info = {"pretrain": ae["seconds"] + chain["seconds"], "encode": encode_s,
+            "checkpoints": {"autoencoder": ae["path"], "chain": chain["path"]}}
+    return models, latents, info
+
+
+def encode_local(ds: Dataset, e1, device: torch.device) -> tuple[torch.Tensor, float]:
+    start = time.time()
+    latents = encode_images(e1, ds.private.images, device=device)
+    return latents, time.time() - start
+
+
+def run_ipc(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, ipc: int, out: Path,
+            device: torch.device) -> dict:
+    """`pool`: the real latents (as `images`) with labels and ids that the server condenses."""
+    ccfg = replace(cfg.condense, ipc=ipc)
+    syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, ccfg, device)
+    syn.save(out / f"ipc{ipc}", ds.class_names)
+    result = {"ipc": ipc, "synthetic_images": len(syn), "real_images_used": syn.meta["real_latents_used"],
+              "seconds_condense": syn.meta["seconds"],
+              "synthetic": fit_and_score(syn.images, syn.labels, ds.test, cfg.student, device, desc=f"student ipc{ipc}")}
+    if "random_real" in cfg.baselines:
+        real = random_real_like(ds.private, syn, cfg.student.seed)
+        result["random_real"] = fit_and_score(real.images, one_hot(real.labels, ds.num_classes), ds.test,
+                                              cfg.student, device, desc=f"random real ipc{ipc}")
+    return result
+
+
+def run_full_real(ds: Dataset, cfg: DemoConfig, device: torch.device) -> dict:
+    steps = max(1, int(cfg.student.full_epochs * len(ds.private) / cfg.student.batch_size))
+    return fit_and_score(ds.private.images, one_hot(ds.private.labels, ds.num_classes), ds.test, cfg.student,
+                         device, steps=steps, desc="full real")
+
+
+def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSplit, info: dict, out: Path,
+                          device: torch.device) -> dict:
+    """Server steps after the latents are in: E2 + chain, condensation per IPC, students, report.
+
+    The random-real and full-real arms are evaluation baselines computed by the harness, which can
+    see the real data; the server itself only ever holds `pool` (latents).
+    """
+    e2, est, chain = load_or_train_chain(pool.images, cfg.chain, device)
+    models = {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
+    info = {**info, "pretrain": info["pretrain"] + chain["seconds"],
+            "checkpoints": {**info["checkpoints"], "chain": chain["path"]}}
+    per_ipc = [run_ipc(ds, models, pool, cfg, ipc, out, device) for ipc in cfg.ipcs]
+    full = run_full_real(ds, cfg, device) if "full_real" in cfg.baselines else None
+    report = make_report(ds, cfg, info, per_ipc, full, device, len(pool))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def run_demo(cfg: DemoConfig, out: Path) -> dict:
+    """Single-machine pipeline (no federation): the server encodes the private split itself."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.data.seed)
+    ds = load_dataset(cfg.data)
+    e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, device)
+    latents, encode_s = encode_local(ds, e1, device)
+    info = {"mode": "single-machine", "pretrain": ae["seconds"], "encode": encode_s,
+            "checkpoints": {"autoencoder": ae["path"]}}
+    pool = ImageSplit(latents, ds.private.labels, ds.private.ids)
+    return condense_and_evaluate(ds, cfg, e1, dec, pool, info, out, device)
+
+
+def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], full: dict | None, device,
+                real_available: int) -> dict:
+    main = per_ipc[0]
+    acc = lambda r, k: r[k]["accuracy"] if k in r else None
+    return {
+        "mode": info["mode"], "dataset": ds.name, "T": cfg.chain.T, "layout": cfg.chain.layout, "selection": cfg.condense.selection,
+        "class_plan": cfg.condense.class_plan, "ipc": main["ipc"],
+        "synthetic_images": main["synthetic_images"], "real_images_used": main["real_images_used"],
+        "real_images_available": real_available, "public_images": len(ds.public), "test_images": len(ds.test),
+        "accuracy": {"synthetic": acc(main, "synthetic"), "random_real": acc(main, "random_real"),
+                     "full_real": full["accuracy"] if full else None},
+        "seconds": {"pretrain": info["pretrain"], "encode": info.get("encode"),
+                    "collect": info.get("federation", {}).get("collect_seconds"),
+                    "condense": sum(r["seconds_condense"] for r in per_ipc),
+                    "student": sum(r[k]["seconds"] for r in per_ipc for k in ("synthetic", "random_real") if k in r)
+                               + (full["seconds"] if full else 0.0)},
+        "federation": info.get("federation"),
+        "per_ipc": per_ipc, "full_real": full,
+        "device": device_name(device), "checkpoints": info["checkpoints"], "config": to_jsonable(cfg),
+    }
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'IPC':>4} {'images':>7} {'synthetic':>10} {'random real':>12}  condense",
+             "-" * 48]
+    for r in report["per_ipc"]:
+        rr = r.get("random_real", {}).get("accuracy")
+        lines.append(f"{r['ipc']:>4} {r['synthetic_images']:>7} {r['synthetic']['accuracy']:>10.4f} "
+                     f"{rr if rr is None else format(rr, '.4f'):>12}  {r['seconds_condense']:.1f}s")
+    if report.get("full_real"):
+        lines.append(f"full real ({report['real_images_available']} images): {report['full_real']['accuracy']:.4f}")
+    s = report["seconds"]
+    moved = f"encode {s['encode']:.1f}" if s.get("encode") is not None else f"collect {s['collect']:.1f}"
+    lines.append(f"seconds: pretrain {s['pretrain']:.0f}, {moved}, condense {s['condense']:.1f}, "
+                 f"student {s['student']:.0f}  | {report['mode']} | device {report['device']}")
+    fed = report.get("federation")
+    if fed:
+        lines.append(f"federation: {len(fed['accepted_nodes'])}/{len(fed['nodes'])} nodes accepted, "
+                     f"{len(fed['dropped_nodes'])} dropped, {len(fed['rejections'])} rejections, "
+                     f"{fed['bytes_received'] / 1e6:.1f} MB received")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Pretraining: autoencoder (E1 + D) on the public split, then E2 + noise estimators on latents.
+
+SPEC §1 figures 3-4: z_t = sqrt(a_bar_t) z_0 + sqrt(1 - a_bar_t) eps; estimator t gets (z_t, E2(z_0))
+of the SAME image and predicts eps. Checkpoints are cached by a hash of config + training data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from shared.cache import cache_dir, to_jsonable
+from shared.config import AutoencoderConfig, ChainConfig
+from shared.models.first_encoder import Decoder, FirstEncoder
+from shared.models.noise_estimators import NoiseEstimators, make_scheduler
+from shared.models.second_encoder import SecondEncoder
+from shared.progress import progress
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield torch.randint(0, n, (batch_size,), generator=gen)
+
+
+def _save(path: Path, models: dict, meta: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    for name, model in models.items():
+        model.save_pretrained(tmp / name)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    tmp.rename(path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+# ---------------------------------------------------------------- autoencoder
+def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torch.device) -> tuple[FirstEncoder, Decoder]:
+    torch.manual_seed(cfg.seed)
+    enc = FirstEncoder(images.shape[1], cfg.latent_channels, cfg.encoder_channels).to(device)
+    dec = Decoder(images.shape[1], cfg.latent_channels, cfg.decoder_channels).to(device)
+    opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters()], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    bar = progress(_batches(len(images), cfg.batch_size, cfg.steps, cfg.seed), total=cfg.steps, desc="autoencoder", unit="step")
+    for idx in bar:
+        x = images[idx].to(device)
+        mean, logvar = enc.moments(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        recon = dec(z)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+        loss = F.mse_loss(recon, x) + cfg.kl_weight * kl / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(mse=f"{loss.item():.4f}", refresh=False)
+    with torch.no_grad():
+        latents = torch.cat([enc.moments(images[i:i + 1024].to(device))[0] for i in range(0, len(images), 1024)])
+        scale = 1.0 / latents.std()
+    enc.scaling_factor.fill_(scale)
+    dec.scaling_factor.fill_(scale)
+    return enc.eval(), dec.eval()
+
+
+def load_or_train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torch.device) -> tuple[FirstEncoder, Decoder, dict]:
+    """Returns (E1, D, info) with info['seconds'] = 0 on a cache hit."""
+    path = cache_dir("autoencoder", cfg, fingerprint(images))
+    start = time.time()
+    if not path.exists():
+        enc, dec = train_autoencoder(images, cfg, device)
+        _save(path, {"first_encoder": enc, "decoder": dec}, {"config": to_jsonable(cfg), "images": len(images)})
+    enc = FirstEncoder.from_pretrained(path / "first_encoder").to(device).eval()
+    dec = Decoder.from_pretrained(path / "decoder").to(device).eval()
+    return enc, dec, {"path": str(path), "seconds": time.time() - start}
+
+
+# ---------------------------------------------------------------- chain
+def _noise_loss(e2, estimators, sched, z0: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """Noise-prediction loss; `t` an int (one module) or per-sample steps (shared layout)."""
+    eps = torch.randn_like(z0)
+    steps = t if torch.is_tensor(t) else torch.full((len(z0),), t, dtype=torch.long, device=z0.device)
+    z_t = sched.add_noise(z0, eps, steps)
+    cond = e2(z0)
+    if torch.is_tensor(t):
+        pred = estimators.estimators[0](z_t, steps, encoder_hidden_states=cond).sample
+    else:
+        pred = estimators(z_t, t, cond)
+    return F.mse_loss(pred, eps)
+
+
+def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators]:
+    torch.manual_seed(cfg.seed)
+    c, s = latents.shape[1], latents.shape[-1]
+    e2 = SecondEncoder(c, cfg.second_encoder_channels, cfg.condition_tokens, cfg.cross_attention_dim).to(device)
+    est = NoiseEstimators(cfg.T, "shared", c, s, cfg.unet_channels, cfg.cross_attention_dim).to(device)
+    sched = make_scheduler(cfg.T, cfg.beta_schedule, "ddpm")
+    opt = torch.optim.AdamW([*e2.parameters(), *est.parameters()], lr=cfg.lr)
+    lr = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(cfg.shared_steps, 1), pct_start=0.05)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    bar = progress(_batches(len(latents), cfg.batch_size, cfg.shared_steps, cfg.seed), total=cfg.shared_steps, desc="chain (shared)", unit="step")
+    for idx in bar:
+        steps = torch.randint(0, cfg.T, (len(idx),), generator=gen).to(device)
+        loss = _noise_loss(e2, est, sched, latents[idx].to(device), steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return e2.eval(), est.eval()
+
+
+def finetune_separate(latents: torch.Tensor, cfg: ChainConfig, e2: SecondEncoder, shared: NoiseEstimators,
+                      device: torch.device) -> NoiseEstimators:
+    """Claim 2's T modules: each starts from the shared estimator and is tuned on its own step only.
+
+    E2 stays frozen so that every module conditions on the same token space.
+    """
+    est = NoiseEstimators(cfg.T, "separate", latents.shape[1], latents.shape[-1], cfg.unet_channels,
+                          cfg.cross_attention_dim).to(device)
+    sched = make_scheduler(cfg.T, cfg.beta_schedule, "ddpm")
+    e2.requires_grad_(False)
+    batches = _batches(len(latents), cfg.batch_size, cfg.T * cfg.module_steps, cfg.seed + 2)
+    bar = progress(total=cfg.T * cfg.module_steps, desc="chain (separate)", unit="step")
+    for t in range(cfg.T):
+        module = est.estimators[t]
+        module.load_state_dict(shared.estimators[0].state_dict())
+        opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr * 0.3)
+        for _ in range(cfg.module_steps):
+            loss = _noise_loss(e2, est, sched, latents[next(batches)].to(device), t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+    bar.close()
+    e2.requires_grad_(True)
+    return est.eval()
+
+
+def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators, dict]:
+    """Trains (or loads) the shared estimator, then the separate modules when asked for."""
+    start, key = time.time(), fingerprint(latents)
+    shared_cfg = replace(cfg, layout="shared", module_steps=0)
+    shared_path = cache_dir("chain", shared_cfg, key)
+    if not shared_path.exists():
+        e2, est = train_shared(latents, shared_cfg, device)
+        _save(shared_path, {"second_encoder": e2, "noise_estimators": est}, {"config": to_jsonable(shared_cfg)})
+    e2 = SecondEncoder.from_pretrained(shared_path / "second_encoder").to(device).eval()
+    est = NoiseEstimators.from_pretrained(shared_path / "noise_estimators").to(device).eval()
+    path = shared_path
+    if cfg.layout == "separate":
+        path = cache_dir("chain", cfg, key)
+        if not path.exists():
+            sep = finetune_separate(latents, cfg, e2, est, device)
+            _save(path, {"noise_estimators": sep}, {"config": to_jsonable(cfg), "second_encoder": str(shared_path)})
+        est = NoiseEstimators.from_pretrained(path / "noise_estimators").to(device).eval()
+    return e2, est, {"path": str(path), "seconds": time.time() - start}

@@ -1,0 +1,102 @@
+"""Class plans and selection rules: which real latents condition which synthetic image (SPEC §1).
+
+A class plan decides how many synthetic images there are and which classes feed each one; a
+selection rule then fixes the T real latents of each image, in estimator order (column k conditions
+the k-th estimator applied, the one at the k-th highest noise level).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from shared.config import CondenseConfig
+from shared.registry import Registry
+
+CLASS_PLANS: Registry = Registry("class plan")
+SELECTION_RULES: Registry = Registry("selection rule")
+
+
+def _per_class_counts(labels: np.ndarray, cfg: CondenseConfig, T: int) -> dict[int, int]:
+    """Synthetic images per class for the budget: IPC, a ratio of the real count, or max coverage."""
+    classes, sizes = np.unique(labels, return_counts=True)
+    if cfg.max_coverage:
+        return {int(c): int(np.ceil(n / T)) for c, n in zip(classes, sizes)}
+    if cfg.ratio is not None:
+        if not 0 < cfg.ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {cfg.ratio}")
+        return {int(c): max(1, int(round(cfg.ratio * n))) for c, n in zip(classes, sizes)}
+    if not cfg.ipc or cfg.ipc < 1:
+        raise ValueError("set a budget: ipc >= 1, ratio in (0, 1], or max_coverage")
+    return {int(c): int(cfg.ipc) for c in classes}
+
+
+@CLASS_PLANS.register("pure")
+def plan_pure(labels: np.ndarray, cfg: CondenseConfig, T: int) -> list[np.ndarray]:
+    """Each synthetic image is fed by one class: its label is one-hot."""
+    return [np.array([c]) for c, m in sorted(_per_class_counts(labels, cfg, T).items()) for _ in range(m)]
+
+
+@CLASS_PLANS.register("mixed")
+def plan_mixed(labels: np.ndarray, cfg: CondenseConfig, T: int) -> list[np.ndarray]:
+    """Every synthetic image may draw from every class: its label is the soft n_c / T."""
+    total = sum(_per_class_counts(labels, cfg, T).values())
+    if cfg.max_coverage:
+        total = int(np.ceil(len(labels) / T))
+    return [np.unique(labels)] * total
+
+
+@SELECTION_RULES.register("random")
+def select_random(labels: np.ndarray, image_classes: list[np.ndarray], T: int, rng: np.random.Generator) -> np.ndarray:
+    """Claim 3: draw each image's T latents at random; when an image is fed by several classes,
+    each of them is drawn at least once (needs T >= number of classes), then the order is shuffled."""
+    by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+    rows = []
+    for classes in image_classes:
+        if len(classes) > T:
+            raise ValueError(f"coverage guarantee needs T >= classes per image ({len(classes)}), got T={T}")
+        forced = [rng.choice(by_class[int(c)]) for c in classes] if len(classes) > 1 else []
+        pool = np.concatenate([by_class[int(c)] for c in classes])
+        rest_pool = np.setdiff1d(pool, forced)
+        need = T - len(forced)
+        rest = rng.choice(rest_pool, need, replace=len(rest_pool) < need)
+        rows.append(rng.permutation(np.concatenate([np.array(forced, dtype=np.int64), rest])))
+    return np.stack(rows).astype(np.int64)
+
+
+@SELECTION_RULES.register("one-to-one")
+def select_one_to_one(labels: np.ndarray, image_classes: list[np.ndarray], T: int, rng: np.random.Generator) -> np.ndarray:
+    """Claims 4 and 7: image i of a group of T is bound to estimator i, and groups are disjoint.
+
+    Latents are dealt from a seeded, shuffled queue per class set without replacement, so no real
+    latent conditions two synthetic images until the queue is exhausted (then it is reshuffled and
+    reused; `reuse_count` in the manifest shows it).
+    """
+    queues: dict[tuple, list[int]] = {}
+    rows = []
+    for classes in image_classes:
+        key = tuple(int(c) for c in classes)
+        pool = np.flatnonzero(np.isin(labels, classes))
+        row: list[int] = []
+        while len(row) < T:
+            if not queues.get(key):
+                queues[key] = rng.permutation(pool).tolist()
+            q = queues[key]
+            take = min(T - len(row), len(q))
+            row += q[:take]
+            del q[:take]
+        rows.append(row)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def soft_labels(labels: np.ndarray, selected: np.ndarray, num_classes: int) -> np.ndarray:
+    """Claims 5-6: y_c = n_c / T, n_c = how many of the image's T conditioning latents have class c."""
+    T = selected.shape[1]
+    counts = np.stack([np.bincount(labels[row], minlength=num_classes) for row in selected])
+    return counts.astype(np.float32) / T
+
+
+def plan_and_select(labels: np.ndarray, cfg: CondenseConfig, T: int, seed: int) -> np.ndarray:
+    """(M, T) indices into `labels`; column k conditions the k-th estimator of the chain."""
+    if cfg.max_coverage and cfg.selection != "one-to-one":
+        raise ValueError("max_coverage needs selection 'one-to-one' (the random rule does not cover every latent)")
+    image_classes = CLASS_PLANS[cfg.class_plan](labels, cfg, T)
+    return SELECTION_RULES[cfg.selection](labels, image_classes, T, np.random.default_rng(seed))

@@ -1,0 +1,40 @@
+"""Differentiable augmentation for small (synthetic) training sets, DSA-style (Zhao & Bilen 2021).
+
+Per-sample random affine (scale, rotation, translation) and horizontal flip through
+`affine_grid`/`grid_sample`, so gradients flow to the images when needed. `strength` scales every
+range: weak augmentation for a teacher, strong of the same kind for a student (SPEC §2).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from shared.registry import Registry
+
+AUGMENTATIONS: Registry = Registry("augmentation")
+
+
+def random_affine(x: torch.Tensor, strength: float = 1.0, generator: torch.Generator | None = None,
+                  flip: bool = True) -> torch.Tensor:
+    n, dev = x.shape[0], x.device
+    u = lambda: (torch.rand(n, generator=generator) * 2 - 1).to(dev)
+    scale = 1 + 0.2 * strength * u()
+    angle = math.radians(15) * strength * u()
+    tx, ty = 0.125 * strength * u(), 0.125 * strength * u()
+    sign = torch.where(torch.rand(n, generator=generator).to(dev) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * sign, -sin, tx], 1), torch.stack([sin * sign, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+@AUGMENTATIONS.register("dsa")
+def dsa(x: torch.Tensor, strength: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    return random_affine(x, strength, generator)
+
+
+@AUGMENTATIONS.register("none")
+def no_augment(x: torch.Tensor, strength: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    return x

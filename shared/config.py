@@ -1,0 +1,113 @@
+"""Typed configs: the one source of truth for every default (SPEC section cited per field group)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Real data (docs/data.md). The server's public split pretrains the autoencoder; the rest is private."""
+    dataset: str = "fashion-mnist"
+    data_dir: Optional[str] = None          # directory of IDX .gz files; default: the Debian package
+    image_size: int = 32                    # 28x28 images are zero-padded to 32x32 -> latent 4x8x8
+    public_size: int = 6000                 # server-held public split (autoencoder pretraining)
+    train_limit: Optional[int] = None       # subsample of the private split (tiny runs, tests)
+    test_limit: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """First encoder E1 and decoder D, trained together (SPEC §1, 'encoder' of figures 3-4)."""
+    in_channels: int = 1
+    latent_channels: int = 4
+    encoder_channels: tuple[int, ...] = (32, 64)     # light: runs on edge devices
+    decoder_channels: tuple[int, ...] = (96, 48, 24)
+    kl_weight: float = 1e-4
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """Second encoder E2 + T noise estimators (SPEC §1 claims 1-2, figures 3-4)."""
+    T: int = 20
+    layout: str = "separate"                # 'separate': T modules (claim 2); 'shared': one module + t embedding
+    beta_schedule: str = "squaredcos_cap_v2"
+    unet_channels: tuple[int, int] = (32, 64)
+    cross_attention_dim: int = 64
+    condition_tokens: int = 4               # E2 output: tokens x cross_attention_dim
+    second_encoder_channels: int = 128
+    shared_steps: int = 900                 # joint training of the shared estimator (warm start)
+    module_steps: int = 15                  # per-module fine-tuning steps in the separate layout
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CondenseConfig:
+    """How synthetic images are made from real latents (SPEC §1 claims 1-7)."""
+    ipc: Optional[int] = 10                 # synthetic images per class; or use `ratio`
+    ratio: Optional[float] = None           # synthetic/real image count; 1/T with max_coverage
+    max_coverage: bool = False              # every real latent conditions exactly one synthetic image
+    selection: str = "one-to-one"           # 'random' (claim 3) | 'one-to-one' (claims 4, 7)
+    class_plan: str = "pure"                # 'pure': one class per image | 'mixed': soft labels n_c/T
+    sampler: str = "ddim"                   # 'ddim' | 'ddpm'
+    noise_init: str = "random"              # 'random' noise image | 'preset': mean of conditioning images
+    batch_size: int = 500
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Student training on any image set; the same recipe for every arm (issue 2 §5)."""
+    model: str = "convnet3"
+    steps: int = 600
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: str = "dsa"                    # differentiable siamese-style augmentation | 'none'
+    full_epochs: float = 2.0                # the full-real upper bound trains by epochs, not steps
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The federation (issue 3): K clients, their split, chunking, timeouts, client-side noise."""
+    clients: int = 10
+    alpha: float = 0.5                      # Dirichlet concentration of the non-IID split
+    iid: bool = False
+    partition_seed: int = 0
+    chunk_size: int = 2048                  # latents per sealed message (~1 MB in fp16)
+    timeout: float = 300.0                  # seconds to wait for one round of replies
+    connect_timeout: float = 120.0          # seconds to wait for the expected nodes to connect
+    clip_norm: float = 0.0                  # client-side Gaussian mechanism (issue 4); 0 = off
+    noise_multiplier: float = 0.0
+    client_threads: int = 1
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
+    condense: CondenseConfig = field(default_factory=CondenseConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    federation: Optional[FederationConfig] = field(default_factory=FederationConfig)   # None: single machine
+    ipcs: tuple[int, ...] = (10,)
+    baselines: tuple[str, ...] = ("random_real", "full_real")
+    device: str = "auto"
+
+
+def override(cfg, **changes):
+    """`dataclasses.replace` that ignores None values and rejects unknown names with a clear error."""
+    names = {f.name for f in fields(cfg)}
+    unknown = set(changes) - names
+    if unknown:
+        raise TypeError(f"{type(cfg).__name__} has no field(s) {sorted(unknown)}; valid: {sorted(names)}")
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

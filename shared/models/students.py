@@ -1,0 +1,62 @@
+"""Student / evaluator networks, keyed by name (issue 2 §5).
+
+`convnet3` is the dataset-distillation standard evaluator (DC/DSA/DM/IDC): 3 x [conv3x3(128),
+instance norm, ReLU, avg-pool 2], then a linear classifier, so our numbers compare with published
+tables. torchvision students are adapted to small single-channel inputs (stride-1 stem, no max-pool).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from shared.registry import Registry
+
+STUDENTS: Registry = Registry("student model")
+
+
+class ConvNet(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 128, depth: int = 3, image_size: int = 32):
+        super().__init__()
+        layers, c = [], in_channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(width, width, affine=True),
+                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * (image_size // 2 ** depth) ** 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+@STUDENTS.register("convnet3")
+def convnet3(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
+    return ConvNet(in_channels, num_classes, 128, 3, image_size)
+
+
+@STUDENTS.register("resnet18")
+def resnet18(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+@STUDENTS.register("mobilenet_v2")
+def mobilenet_v2(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
+    net = torchvision.models.mobilenet_v2(num_classes=num_classes)
+    net.features[0][0] = nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False)
+    return net
+
+
+@STUDENTS.register("shufflenet_v2")
+def shufflenet_v2(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
+    net = torchvision.models.shufflenet_v2_x1_0(num_classes=num_classes)
+    net.conv1[0] = nn.Conv2d(in_channels, 24, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def build_student(name: str, in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
+    return STUDENTS[name](in_channels, num_classes, image_size)

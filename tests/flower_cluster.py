@@ -1,0 +1,97 @@
+"""Start a real SuperLink + SuperNodes on 127.0.0.1 with TLS and node authentication, for tests.
+
+Every process is started in its own session and stopped by PID (its whole process group), also when
+the test fails.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, root: Path, certs: dict):
+        self.root, self.certs = root, certs
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.port = free_port()
+        self.env = {**os.environ, "FLWR_HOME": str(root / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+                    "FEDCONDENSE_PROGRESS": "0", "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+                    "PYTHONPATH": str(REPO)}
+        home = root / "flwr_home"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink.fed]\naddress = "127.0.0.1:{self.port}"\nroot-certificates = "{certs["ca"]}"\n')
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "wb")
+        proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def start_superlink(self) -> None:
+        c = self.certs
+        self.start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", c["ca"], "--ssl-certfile",
+                                 c["server_cert"], "--ssl-keyfile", c["server_key"], "--enable-supernode-auth",
+                                 "--disable-runtime-dependency-installation", "--database",
+                                 str(self.root / "state.db"), "--host", "127.0.0.1", "--port", str(self.port)])
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.procs["superlink"].poll() is not None:
+                raise RuntimeError("superlink exited:\n" + self.log("superlink"))
+            time.sleep(0.5)
+        raise TimeoutError("superlink did not open its port:\n" + self.log("superlink"))
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def register(self, node: int) -> None:
+        res = self.flwr("supernode", "register", self.certs["nodes"][node]["public"], "fed", "--name", f"node{node}")
+        if res.returncode != 0:
+            raise RuntimeError(f"register node {node} failed: {res.stdout}\n{res.stderr}")
+
+    def start_supernode(self, node: int, partition: int, partitions: int) -> subprocess.Popen:
+        return self.start(f"node{node}", [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", self.certs["ca"],
+            "--auth-supernode-private-key", self.certs["nodes"][node]["private"],
+            "--node-config", f"partition-id={partition} num-partitions={partitions}",
+            "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "3", "--max-wait-time", "20"])
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        proc = self.procs.get(name)
+        if proc and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)

@@ -1,0 +1,65 @@
+"""Real data loading and deterministic partitioning (issue 2 §2)."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from shared.config import DataConfig
+from shared.data import load_dataset, read_idx
+from shared.partition import partition
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_dataset(DataConfig(public_size=1000, train_limit=3000, test_limit=500))
+
+
+def test_fashion_mnist_loads_with_splits(fmnist):
+    assert fmnist.num_classes == 10 and fmnist.class_names[0] == "T-shirt/top"
+    assert fmnist.public.images.shape == (1000, 1, 32, 32)
+    assert len(fmnist.private) == 3000 and len(fmnist.test) == 500
+    assert fmnist.private.images.min() >= -1 and fmnist.private.images.max() <= 1
+    assert not set(fmnist.public.ids.tolist()) & set(fmnist.private.ids.tolist()), "public and private are disjoint"
+    assert (fmnist.private.images[:, :, :2, :] == -1).all(), "28x28 images are padded with background"
+
+
+def test_split_is_deterministic():
+    a = load_dataset(DataConfig(public_size=100, train_limit=50, test_limit=10))
+    b = load_dataset(DataConfig(public_size=100, train_limit=50, test_limit=10))
+    assert (a.private.ids == b.private.ids).all() and (a.test.ids == b.test.ids).all()
+
+
+def test_missing_dataset_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset(DataConfig(data_dir=str(tmp_path)))
+
+
+def test_truncated_idx_is_rejected(tmp_path):
+    path = tmp_path / "bad-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(struct.pack(">HBB3I", 0, 8, 3, 10, 28, 28) + b"\x00" * 100)
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("iid", [True, False])
+def test_partition_is_disjoint_complete_and_seeded(iid):
+    labels = np.repeat(np.arange(10), 100)
+    parts = partition(labels, 7, iid=iid, alpha=0.5, seed=3)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(labels) == len(np.unique(joined))
+    again = partition(labels, 7, iid=iid, alpha=0.5, seed=3)
+    assert all((p == q).all() for p, q in zip(parts, again))
+    assert all(len(p) > 0 for p in parts)
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks():
+    labels = np.repeat(np.arange(10), 300)
+
+    def mean_max_share(alpha):
+        parts = partition(labels, 10, iid=False, alpha=alpha, seed=0)
+        return np.mean([np.bincount(labels[p], minlength=10).max() / len(p) for p in parts])
+    assert mean_max_share(0.1) > mean_max_share(1.0) > mean_max_share(100.0)
+    with pytest.raises(ValueError, match="alpha"):
+        partition(labels, 3, iid=False, alpha=0.0, seed=0)

@@ -1,0 +1,87 @@
+"""Deployment on 127.0.0.1: real SuperLink + 3 SuperNodes, TLS, node authentication (issue 3 acceptance)."""
+import json
+import subprocess
+import time
+
+import pytest
+
+from server.certs import make_certificates
+from tests.flower_cluster import BIN, REPO, Cluster
+
+TINY = ("clients=3 train-limit=1200 test-limit=500 T=5 ae-steps=100 chain-steps=60 module-steps=2 "
+        "student-steps=60 ipc=2 no-full=true timeout=45 chunk-size=150")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    certs = make_certificates(root / "certs", ["localhost", "127.0.0.1"], nodes=4)
+    cl = Cluster(root, certs)
+    try:
+        cl.start_superlink()
+        for i in range(3):
+            cl.register(i)
+        for i in range(3):
+            cl.start_supernode(i, i, 3)
+        yield cl
+    finally:
+        cl.stop_all()
+
+
+def start_run(cluster, out):
+    return subprocess.Popen([str(BIN / "flwr"), "run", ".", "fed", "--run-config", f"out='{out}' {TINY}", "--stream"],
+                            cwd=REPO, env=cluster.env, stdout=open(out.parent / f"{out.name}.flwr.log", "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_report(proc, out, timeout=420):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (out / "report.json").exists():
+        time.sleep(2)
+    proc.kill()
+    assert (out / "report.json").exists(), (out.parent / f"{out.name}.flwr.log").read_text(errors="replace")[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+def test_unregistered_node_is_refused(cluster):
+    proc = cluster.start_supernode(3, 0, 3)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("an unregistered SuperNode kept running:\n" + cluster.log("node3")[-2000:])
+    assert proc.returncode != 0
+    assert any(w in cluster.log("node3").lower() for w in ("permission", "unauthenticated", "denied", "not registered"))
+
+
+def test_run_end_to_end_over_tls(cluster, tmp_path):
+    out = tmp_path / "run"
+    report = wait_report(start_run(cluster, out), out)
+    fed = report["federation"]
+    assert report["mode"] == "federated" and len(fed["accepted_nodes"]) == 3 and not fed["dropped_nodes"]
+    assert report["synthetic_images"] == 20 and report["real_images_available"] == 1200
+    assert fed["uplink_bytes_per_image"] < fed["raw_bytes_per_image"]
+    assert (out / "ipc2" / "synthetic.safetensors").exists()
+
+
+def test_killed_supernode_is_dropped_and_pool_stays_clean(cluster, tmp_path):
+    out = tmp_path / "run"
+    proc = start_run(cluster, out)
+    deadline = time.time() + 300
+    status = out / "collect_status.json"
+    while time.time() < deadline:
+        if status.exists() and json.loads(status.read_text())["requests"] >= 1:
+            break
+        time.sleep(0.5)
+    assert status.exists(), "collection never started"
+    cluster.kill("node2")
+    report = wait_report(proc, out)
+    fed = report["federation"]
+    assert len(fed["accepted_nodes"]) == 2 and len(fed["dropped_nodes"]) == 1
+    assert "no reply" in next(iter(fed["dropped_nodes"].values())) or "error" in next(iter(fed["dropped_nodes"].values()))
+    pool = out / "pool"
+    assert sorted(p.name for p in pool.iterdir() if p.suffix == ".tmp") == []
+    assert len(list(pool.glob("node-*.safetensors"))) == 2
+    assert len((pool / "provenance.jsonl").read_text().splitlines()) == 2
+    provenance = [json.loads(line) for line in (pool / "provenance.jsonl").read_text().splitlines()]
+    assert report["real_images_available"] == sum(p["latents"] for p in provenance)
+    assert {p["node_id"] for p in provenance} == set(fed["accepted_nodes"])

@@ -1,0 +1,77 @@
+"""Class plans, selection rules and the n_c/T label (SPEC §1 claims 3-7)."""
+import numpy as np
+import pytest
+
+from server.selection import plan_and_select, soft_labels
+from shared.config import CondenseConfig
+
+LABELS = np.repeat(np.arange(10), 60)          # 600 latents, 60 per class
+np.random.default_rng(0).shuffle(LABELS)
+
+
+def test_soft_label_is_counts_over_T_and_sums_to_one():
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    selected = np.array([[0, 1, 2, 3], [3, 4, 5, 5]])
+    y = soft_labels(labels, selected, num_classes=4)
+    np.testing.assert_allclose(y[0], [2 / 4, 1 / 4, 1 / 4, 0])
+    np.testing.assert_allclose(y[1], [0, 0, 1, 0])
+    np.testing.assert_allclose(y.sum(1), 1.0)
+
+
+@pytest.mark.parametrize("T", [10, 20])
+def test_random_rule_covers_every_class_in_mixed_plan(T):
+    cfg = CondenseConfig(ipc=3, selection="random", class_plan="mixed")
+    sel = plan_and_select(LABELS, cfg, T, seed=1)
+    assert sel.shape == (30, T)
+    for row in sel:
+        assert set(LABELS[row]) == set(range(10)), "claim 3: each class chosen at least once"
+        assert len(set(row)) == T, "no latent twice within one image"
+    y = soft_labels(LABELS, sel, 10)
+    assert (y > 0).all() and np.allclose(y.sum(1), 1)
+
+
+def test_random_rule_refuses_coverage_it_cannot_give():
+    with pytest.raises(ValueError, match="T >= classes"):
+        plan_and_select(LABELS, CondenseConfig(ipc=1, selection="random", class_plan="mixed"), 5, seed=0)
+
+
+def test_pure_plan_is_one_class_per_image_with_one_hot_label():
+    sel = plan_and_select(LABELS, CondenseConfig(ipc=2, selection="random", class_plan="pure"), 8, seed=0)
+    assert sel.shape == (20, 8)
+    y = soft_labels(LABELS, sel, 10)
+    assert set(np.unique(y)) == {0.0, 1.0}
+    assert np.bincount(y.argmax(1), minlength=10).tolist() == [2] * 10
+
+
+def test_one_to_one_uses_each_latent_once_until_exhausted():
+    sel = plan_and_select(LABELS, CondenseConfig(ipc=3, selection="one-to-one", class_plan="pure"), 20, seed=0)
+    assert len(np.unique(sel)) == sel.size == 600, "3 x 20 = 60 per class: every latent exactly once"
+    for row in sel:
+        assert len(set(LABELS[row])) == 1
+
+
+def test_max_coverage_conditions_every_latent_exactly_once():
+    labels = LABELS[:590]                     # 590 = 29.5 groups of 20: one group needs a top-up
+    cfg = CondenseConfig(ipc=None, max_coverage=True, selection="one-to-one", class_plan="mixed")
+    sel = plan_and_select(labels, cfg, 20, seed=0)
+    uses = np.bincount(sel.ravel(), minlength=len(labels))
+    assert sel.shape == (30, 20) and (uses >= 1).all()
+    assert (uses > 1).sum() == 10, "only the top-up of the last group repeats"
+    exact = plan_and_select(LABELS, cfg, 20, seed=0)
+    assert (np.bincount(exact.ravel()) == 1).all()
+
+
+def test_max_coverage_rejects_random_rule():
+    with pytest.raises(ValueError, match="one-to-one"):
+        plan_and_select(LABELS, CondenseConfig(max_coverage=True, selection="random"), 20, seed=0)
+
+
+def test_selection_is_deterministic_for_a_seed():
+    cfg = CondenseConfig(ipc=2, selection="random", class_plan="mixed")
+    a, b, c = (plan_and_select(LABELS, cfg, 12, seed=s) for s in (3, 3, 4))
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_unknown_rule_names_the_choices():
+    with pytest.raises(KeyError, match="one-to-one"):
+        plan_and_select(LABELS, CondenseConfig(selection="greedy"), 10, seed=0)
