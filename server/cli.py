@@ -131,6 +131,26 @@ def cmd_student(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from server.condense import SyntheticSet
+    from server.distill import load_or_train_teacher, markdown_table, run_distill, write_outputs
+    from server.pipeline import build_models
+    from server.student import evaluate
+    from shared.data import load_dataset
+    from shared.device import resolve_device
+    cfg = demo_config(args)
+    device = resolve_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    syn = SyntheticSet.load(Path(args.synthetic))
+    models, latents, _ = build_models(ds, cfg, device)
+    teacher, info = load_or_train_teacher(models, latents, ds.private.labels, ds.num_classes, device, args.teacher_steps)
+    result = run_distill(syn, teacher, ds.test, cfg, args.loss, args.seeds, device)
+    result["teacher"] = {"accuracy": evaluate(teacher, ds.test.images, ds.test.labels, device), **info}
+    write_outputs(result, Path(args.out))
+    print(markdown_table(result))
+    return 0
+
+
 def cmd_certs(args) -> int:
     from server.certs import make_certificates
     paths = make_certificates(Path(args.out), args.host, args.nodes, args.days)
@@ -164,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_student(p)
     p.set_defaults(fn=cmd_student)
+    p = sub.add_parser("distill", help="students on a synthetic set for each loss (x seeds), with the server's teacher")
+    p.add_argument("--synthetic", required=True, help="directory written by `condense` or `demo` (e.g. runs/demo/ipc10)")
+    p.add_argument("--loss", nargs="+", default=["soft_ce"], help="loss specs, e.g. soft_ce kd dkd soft_ce:1,kd:1")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--teacher-steps", type=int, default=800)
+    p.add_argument("--out", default="runs/distill")
+    _add_common(p)
+    _add_student(p)
+    p.set_defaults(fn=cmd_distill)
     p = sub.add_parser("certs", help="CA, SuperLink certificate (with SANs) and SuperNode key pairs")
     p.add_argument("--out", default="deploy/certs")
     p.add_argument("--host", nargs="+", default=["localhost", "127.0.0.1"], help="SANs: DNS names and IPs of the SuperLink")

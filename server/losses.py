@@ -1,12 +1,15 @@
-"""Student losses, one registry keyed by name (SPEC §1 claim 5; issue 5 adds the KD family).
+"""Student losses, one registry keyed by name (SPEC §1 claim 5, §2-§5; issue 5).
 
-Every loss takes a `LossInputs` and returns a scalar; `--loss a:1,b:0.5` composes them by weight.
+Each entry is a factory `(num_classes, **options) -> nn.Module`; the module's `forward(LossInputs)`
+returns a scalar, and its parameters (MI's prior m, d; DDKD's autoencoder and diffusion model) are
+trained with the student. `--loss soft_ce:1,kd:0.5` composes terms by weight.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.registry import Registry
@@ -19,20 +22,176 @@ class LossInputs:
     student_logits: torch.Tensor
     targets: torch.Tensor                          # soft labels (B, K), rows sum to 1
     teacher_logits: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)     # features etc. for feature-level losses
+    student_features: torch.Tensor | None = None   # (B, n, H, W) at the distillation point
+    teacher_features: torch.Tensor | None = None   # (B, m, H, W), same H, W
+    extras: dict = field(default_factory=dict)
+
+    def need_teacher(self, name: str) -> torch.Tensor:
+        if self.teacher_logits is None:
+            raise ValueError(f"loss '{name}' needs a teacher: pass --teacher (see `fedcondense distill --help`)")
+        return self.teacher_logits
+
+    def need_features(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.student_features is None or self.teacher_features is None:
+            raise ValueError(f"loss '{name}' needs student and teacher features at a distillation point")
+        return self.student_features, self.teacher_features
+
+
+def kl_div(teacher_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
+    """Batch-mean KL(teacher || student)."""
+    return (teacher_probs * (teacher_probs.clamp_min(1e-12).log() - student_log_probs)).sum(1).mean()
 
 
 @LOSSES.register("soft_ce")
-def soft_cross_entropy(inp: LossInputs) -> torch.Tensor:
-    """The patent's own: cross-entropy against the n_c / T label distribution."""
-    return -(inp.targets * F.log_softmax(inp.student_logits, dim=1)).sum(1).mean()
+class SoftCrossEntropy(nn.Module):
+    """The patent's own: cross-entropy against the n_c / T label distribution (SPEC §1 claims 5-6)."""
+
+    def __init__(self, num_classes: int, **_):
+        super().__init__()
+
+    def forward(self, inp: LossInputs) -> torch.Tensor:
+        return -(inp.targets * F.log_softmax(inp.student_logits, dim=1)).sum(1).mean()
+
+
+@LOSSES.register("kd")
+class KD(nn.Module):
+    """Vanilla knowledge distillation (Hinton et al. 2015): T^2 KL(softmax(t/T) || softmax(s/T))."""
+
+    def __init__(self, num_classes: int, temperature: float = 4.0, **_):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, inp: LossInputs) -> torch.Tensor:
+        T = self.temperature
+        t = inp.need_teacher("kd")
+        return kl_div(F.softmax(t / T, 1), F.log_softmax(inp.student_logits / T, 1)) * T * T
+
+
+def dkd_parts(student_logits, teacher_logits, target, temperature):
+    """Decoupled KD (Zhao et al. 2022): per-sample TCKD, NCKD and the teacher's target probability."""
+    T = temperature
+    gt = F.one_hot(target, student_logits.shape[1]).bool()
+    ps, pt = F.softmax(student_logits / T, 1), F.softmax(teacher_logits / T, 1)
+    bs = torch.stack([ps[gt], 1 - ps[gt]], 1).clamp_min(1e-12)
+    bt = torch.stack([pt[gt], 1 - pt[gt]], 1).clamp_min(1e-12)
+    tckd = (bt * (bt.log() - bs.log())).sum(1) * T * T
+    mask = gt.float() * 1e4
+    ns_log = F.log_softmax(student_logits / T - mask, 1)
+    nt = F.softmax(teacher_logits / T - mask, 1)
+    nckd = (nt * (nt.clamp_min(1e-12).log() - ns_log)).sum(1) * T * T
+    return tckd, nckd, pt[gt]
+
+
+@LOSSES.register("dkd")
+class DKD(nn.Module):
+    """alpha * TCKD + beta * NCKD; the target class is the soft label's argmax."""
+
+    def __init__(self, num_classes: int, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, **_):
+        super().__init__()
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+
+    def forward(self, inp: LossInputs) -> torch.Tensor:
+        tckd, nckd, _ = dkd_parts(inp.student_logits, inp.need_teacher("dkd"), inp.targets.argmax(1), self.temperature)
+        return (self.alpha * tckd + self.beta * nckd).mean()
+
+
+@LOSSES.register("mi_prior")
+class MutualInformationPrior(nn.Module):
+    """Negative mutual information with a learnable student prior (SPEC §2).
+
+    P1 = sum_n s_n t_n^T, P = sym(P1) / sum; p_s = softmax(sum_g (m_g + d_g * a_g)), a_g ~ N(0, 1) fixed
+    at initialisation, m and d learnable. **Reading:** the prior is normalised with softmax.
+    L = -sum_ij P_ij (log P_ij - log p_s_i - log p_t_j), p_t the teacher marginal of P.
+    """
+
+    def __init__(self, num_classes: int, groups: int = 1, temperature: float = 1.0, **_):
+        super().__init__()
+        self.temperature = temperature
+        self.m = nn.Parameter(torch.zeros(groups, num_classes))
+        self.d = nn.Parameter(torch.full((groups, num_classes), 0.1))
+        self.register_buffer("a", torch.randn(groups, num_classes))
+
+    def prior(self) -> torch.Tensor:
+        return F.softmax((self.m + self.d * self.a).sum(0), dim=0)
+
+    def forward(self, inp: LossInputs) -> torch.Tensor:
+        s = F.softmax(inp.student_logits / self.temperature, 1)
+        t = F.softmax(inp.need_teacher("mi_prior") / self.temperature, 1)
+        p1 = (s.unsqueeze(2) * t.unsqueeze(1)).sum(0)
+        p2 = (p1 + p1.T) / 2
+        P = (p2 / p2.sum()).clamp_min(1e-12)
+        p_t = P.sum(0)
+        return -(P * (P.log() - self.prior().clamp_min(1e-12).log()[:, None] - p_t.log()[None, :])).sum()
+
+
+def _channel_vector(feat: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """Channel attention: spatial mean of each channel, L2-normalised; resampled to `length` channels.
+
+    **Reading (SPEC §4):** teacher and student may differ in channel count; the longer vector is
+    average-pooled to the shorter length so that the L2 distance is defined without new parameters.
+    """
+    v = feat.mean(dim=(2, 3))
+    if length is not None and v.shape[1] != length:
+        v = F.adaptive_avg_pool1d(v.unsqueeze(1), length).squeeze(1)
+    return F.normalize(v, dim=1)
+
+
+@LOSSES.register("attention")
+class AttentionTransfer(nn.Module):
+    """Channel-attention transfer (SPEC §4): MSE between normalised channel-attention vectors."""
+
+    def __init__(self, num_classes: int, **_):
+        super().__init__()
+
+    def forward(self, inp: LossInputs) -> torch.Tensor:
+        fs, ft = inp.need_features("attention")
+        n = min(fs.shape[1], ft.shape[1])
+        return F.mse_loss(_channel_vector(fs, n), _channel_vector(ft, n).detach())
+
+
+@LOSSES.register("mixed")
+class MixedKD(nn.Module):
+    """SPEC §4's suggested mix: 0.5 KL (deep: logits) + 0.3 feature MSE (shallow) + 0.2 attention MSE.
+
+    **Reading:** the feature MSE compares channel-averaged, standardised feature maps (the teacher's
+    resized to the student's grid), which needs no learnable adapter when shapes differ.
+    """
+
+    def __init__(self, num_classes: int, temperature: float = 4.0, weights=(0.5, 0.3, 0.2), **_):
+        super().__init__()
+        self.kd, self.at, self.weights = KD(num_classes, temperature), AttentionTransfer(num_classes), weights
+
+    @staticmethod
+    def _map(feat: torch.Tensor, size) -> torch.Tensor:
+        m = F.interpolate(feat.mean(1, keepdim=True), size=size, mode="bilinear", align_corners=False).flatten(1)
+        return (m - m.mean(1, keepdim=True)) / (m.std(1, keepdim=True) + 1e-6)
+
+    def forward(self, inp: LossInputs) -> torch.Tensor:
+        fs, ft = inp.need_features("mixed")
+        w_kl, w_feat, w_att = self.weights
+        return (w_kl * self.kd(inp) + w_feat * F.mse_loss(self._map(fs, fs.shape[-2:]), self._map(ft, fs.shape[-2:]).detach())
+                + w_att * self.at(inp))
+
+
+def build_losses(spec: str, num_classes: int, **context) -> list[tuple[nn.Module, float]]:
+    """'soft_ce' or 'soft_ce:1,kd:0.5' -> [(loss module, weight)]; `context` (feature channel counts)
+    goes to every factory."""
+    _register_extensions()
+    return [(LOSSES[name](num_classes, **context), w) for name, w in parse_loss_spec(spec)]
+
+
+def _register_extensions() -> None:
+    """Losses defined in their own modules register on import."""
+    import server.channel_matching  # noqa: F401
+    import server.ddkd  # noqa: F401
 
 
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
-    """'soft_ce' or 'soft_ce:1,kd:0.5' -> [(name, weight)], names checked against the registry."""
-    terms = []
+    """Names and weights, checked against the registry (raises with the valid names)."""
+    _register_extensions()
+    out = []
     for part in spec.split(","):
         name, _, weight = part.strip().partition(":")
-        LOSSES[name]  # raises with the list of valid names
-        terms.append((name, float(weight) if weight else 1.0))
-    return terms
+        LOSSES[name]
+        out.append((name, float(weight) if weight else 1.0))
+    return out

@@ -11,16 +11,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from server.losses import LOSSES, LossInputs, parse_loss_spec
+from server.losses import LossInputs, build_losses
 from shared.augment import AUGMENTATIONS
 from shared.config import StudentConfig
+from shared.models.distill_points import FeatureTap
 from shared.models.students import build_student
 from shared.progress import progress
 
 
 def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfig, device: torch.device,
-                  steps: int | None = None, loss: str = "soft_ce", desc: str = "student") -> nn.Module:
-    """`targets`: (N, K) soft labels. Trains for `steps` (default cfg.steps) minibatch steps."""
+                  steps: int | None = None, loss: str = "soft_ce", desc: str = "student",
+                  teacher: nn.Module | None = None) -> nn.Module:
+    """`targets`: (N, K) soft labels. Trains for `steps` (default cfg.steps) minibatch steps.
+
+    With a `teacher`, each batch is augmented twice from the same random draws: weakly for the
+    teacher, strongly (same kind, larger magnitude) for the student (SPEC §2); the teacher's logits
+    and both networks' distillation-point features reach the losses.
+    """
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} labels")
     if not torch.isfinite(images).all():
@@ -29,21 +36,42 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_student(cfg.model, images.shape[1], targets.shape[1], images.shape[-1]).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    taps = (FeatureTap(model, cfg.model), FeatureTap(teacher, "teacher")) if teacher is not None else None
+    context = _feature_channels(model, teacher, images[:2].to(device), taps) if taps else {}
+    terms = [(module.to(device), w) for module, w in build_losses(loss, targets.shape[1], **context)]
+    params = [*model.parameters(), *(p for module, _ in terms for p in module.parameters())]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    augment, terms = AUGMENTATIONS[cfg.augment], parse_loss_spec(loss)
+    augment = AUGMENTATIONS[cfg.augment]
     batch = min(cfg.batch_size, len(images))
     model.train()
     for _ in progress(range(steps), desc=desc, unit="step"):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
-        x = augment(images[idx].to(device), 1.0, gen)
-        inp = LossInputs(model(x), targets[idx].to(device))
-        total = sum(w * LOSSES[name](inp) for name, w in terms)
+        x = images[idx].to(device)
+        draws = gen.get_state()
+        inp = LossInputs(model(augment(x, 1.0, gen)), targets[idx].to(device))
+        if teacher is not None:
+            with torch.no_grad():
+                inp.teacher_logits = teacher(augment(x, cfg.teacher_strength, torch.Generator().set_state(draws)))
+            inp.student_features, inp.teacher_features = taps[0].value, taps[1].value
+        total = sum(w * module(inp) for module, w in terms)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         sched.step()
+    for tap in taps or ():
+        tap.remove()
     return model.eval()
+
+
+@torch.no_grad()
+def _feature_channels(model, teacher, probe, taps) -> dict:
+    """Dry run to size feature-level losses (DDKD's adapters)."""
+    model.eval()
+    model(probe)
+    teacher(probe)
+    model.train()
+    return {"student_channels": taps[0].value.shape[1], "teacher_channels": taps[1].value.shape[1]}
 
 
 @torch.no_grad()
@@ -62,8 +90,9 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(labels, num_classes).float()
 
 
-def fit_and_score(images, targets, test, cfg: StudentConfig, device, steps=None, loss="soft_ce", desc="student") -> dict:
+def fit_and_score(images, targets, test, cfg: StudentConfig, device, steps=None, loss="soft_ce", desc="student",
+                  teacher=None) -> dict:
     start = time.time()
-    model = train_student(images, targets, cfg, device, steps, loss, desc)
+    model = train_student(images, targets, cfg, device, steps, loss, desc, teacher)
     return {"accuracy": evaluate(model, test.images, test.labels, device), "seconds": time.time() - start,
             "images": len(images), "steps": steps or cfg.steps}

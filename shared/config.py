@@ -72,6 +72,7 @@ class StudentConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: str = "dsa"                    # differentiable siamese-style augmentation | 'none'
+    teacher_strength: float = 0.5           # the teacher's (weak) augmentation relative to the student's
     full_epochs: float = 2.0                # the full-real upper bound trains by epochs, not steps
     seed: int = 0
 

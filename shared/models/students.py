@@ -21,7 +21,7 @@ class ConvNet(nn.Module):
         layers, c = [], in_channels
         for _ in range(depth):
             layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(width, width, affine=True),
-                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+                       nn.ReLU(), nn.AvgPool2d(2)]
             c = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * (image_size // 2 ** depth) ** 2, num_classes)

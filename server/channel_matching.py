@@ -1,0 +1,98 @@
+"""Channel matching without learnable parameters (SPEC §5), with scipy's Hungarian solver.
+
+Student features (B, n, H, W), teacher features (B, m, H, W), m >= n. The distance between student
+channel i and teacher channel j is the mean squared difference of their maps over batch and space.
+- `sparse`: n x m distances padded with a large value to m x m; the assignment gives each student
+  channel one teacher channel (padded rows take the leftovers and never win a real channel).
+- `random`: r = m // n, s = r n teacher channels (odd positions first); n x s distances replicated
+  r times into s x s; the assignment gives each student channel r teacher channels, one of which is
+  picked at random.
+- `maxpool`: same grouping as `random`; the target is the element-wise max over the group.
+Matching carries no gradient; the loss is the MSE between each student channel and its target.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from server.losses import LOSSES, LossInputs
+from shared.registry import Registry
+
+MATCH_RULES: Registry = Registry("channel matching rule")
+PAD = 1e12
+
+
+def channel_distances(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
+    """(n, m) mean squared distance between every student and teacher channel."""
+    a = fs.detach().transpose(0, 1).flatten(1)            # (n, B*H*W)
+    b = ft.detach().transpose(0, 1).flatten(1)            # (m, B*H*W)
+    return torch.cdist(a, b).pow(2) / a.shape[1]
+
+
+def sparse_assignment(dist: np.ndarray) -> np.ndarray:
+    """For an n x m (n <= m) matrix: the teacher channel of each student channel (rule 1)."""
+    n, m = dist.shape
+    padded = np.full((m, m), PAD)
+    padded[:n] = dist
+    rows, cols = linear_sum_assignment(padded)
+    return cols[np.argsort(rows)][:n]
+
+
+def teacher_group_order(m: int, s: int) -> np.ndarray:
+    """The s teacher channels rules 2-3 use: odd positions first, then even ones."""
+    return np.concatenate([np.arange(1, m, 2), np.arange(0, m, 2)])[:s]
+
+
+def grouped_assignment(dist: np.ndarray) -> np.ndarray:
+    """Rules 2-3: (n, r) teacher channels per student channel."""
+    n, m = dist.shape
+    r = m // n
+    if r < 1:
+        raise ValueError(f"teacher has fewer channels ({m}) than the student ({n})")
+    chosen = teacher_group_order(m, r * n)
+    square = np.tile(dist[:, chosen], (r, 1))               # row k*n + i is student channel i
+    rows, cols = linear_sum_assignment(square)
+    groups = [[] for _ in range(n)]
+    for row, col in zip(rows, cols):
+        groups[row % n].append(int(chosen[col]))
+    return np.array([sorted(g) for g in groups])
+
+
+@MATCH_RULES.register("sparse")
+def target_sparse(fs, ft, generator=None) -> torch.Tensor:
+    idx = sparse_assignment(channel_distances(fs, ft).cpu().numpy())
+    return ft[:, torch.as_tensor(idx, device=ft.device)]
+
+
+@MATCH_RULES.register("random")
+def target_random(fs, ft, generator=None) -> torch.Tensor:
+    groups = grouped_assignment(channel_distances(fs, ft).cpu().numpy())
+    pick = torch.randint(0, groups.shape[1], (groups.shape[0],), generator=generator).numpy()
+    return ft[:, torch.as_tensor(groups[np.arange(len(groups)), pick], device=ft.device)]
+
+
+@MATCH_RULES.register("maxpool")
+def target_maxpool(fs, ft, generator=None) -> torch.Tensor:
+    groups = torch.as_tensor(grouped_assignment(channel_distances(fs, ft).cpu().numpy()), device=ft.device)
+    return ft[:, groups].amax(dim=2)                        # (B, n, r, H, W) -> (B, n, H, W)
+
+
+class ChannelMatching(nn.Module):
+    def __init__(self, num_classes: int, rule: str = "sparse", **_):
+        super().__init__()
+        self.rule = MATCH_RULES[rule]
+
+    def forward(self, inp: LossInputs) -> torch.Tensor:
+        fs, ft = inp.need_features("channel matching")
+        if fs.shape[-2:] != ft.shape[-2:]:
+            ft = F.adaptive_avg_pool2d(ft, fs.shape[-2:])
+        if ft.shape[1] < fs.shape[1]:
+            raise ValueError(f"channel matching needs teacher channels >= student channels ({ft.shape[1]} < {fs.shape[1]})")
+        return F.mse_loss(fs, self.rule(fs, ft).detach())
+
+
+for _rule in ("sparse", "random", "maxpool"):
+    LOSSES.register(f"channel_{_rule}")(lambda num_classes, _r=_rule, **ctx: ChannelMatching(num_classes, _r))

@@ -1,0 +1,60 @@
+"""The server's teacher: a classifier E1 -> E2 -> head over pooled latents (issue 5 §1).
+
+Trained on latents only (E1 frozen, so training skips it), it classifies pixel images through E1,
+which lets it label and distil into students on synthetic images. Its features for feature-level
+losses are E2's last feature map.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from shared.models.first_encoder import FirstEncoder
+from shared.models.second_encoder import SecondEncoder
+from shared.progress import progress
+
+
+class Teacher(nn.Module):
+    def __init__(self, first_encoder: FirstEncoder, second_encoder: SecondEncoder, num_classes: int):
+        super().__init__()
+        self.first_encoder = copy.deepcopy(first_encoder).requires_grad_(False).eval()
+        self.second_encoder = copy.deepcopy(second_encoder).requires_grad_(True)
+        tokens, dim = second_encoder.config.tokens, second_encoder.config.token_dim
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(tokens * dim, num_classes))
+
+    def classify_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.head(self.second_encoder(latents))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.first_encoder(images)
+        return self.classify_latents(latents)
+
+
+def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                  device: torch.device, steps: int = 800, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
+                  noise: float = 0.1) -> tuple[Teacher, dict]:
+    """AdamW on (latent + small Gaussian jitter, label); returns the teacher and its training time."""
+    start = time.time()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    teacher = Teacher(first_encoder, second_encoder, num_classes).to(device)
+    params = [*teacher.second_encoder.parameters(), *teacher.head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    teacher.train()
+    for _ in progress(range(steps), desc="teacher", unit="step"):
+        idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
+        z = latents[idx].to(device)
+        z = z + noise * torch.randn(z.shape, generator=gen).to(device)
+        loss = F.cross_entropy(teacher.classify_latents(z), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    teacher.eval()
+    return teacher, {"seconds": time.time() - start, "steps": steps}

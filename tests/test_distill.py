@@ -1,0 +1,57 @@
+"""Teacher and distillation with weak/strong augmentation (issue 5 §1, §3)."""
+import pytest
+import torch
+
+from client.encode import encode_images
+from server.student import evaluate, train_student
+from server.teacher import train_teacher
+from shared.augment import random_affine
+from shared.config import DataConfig, StudentConfig
+from shared.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models):
+    _, models = tiny_models
+    ds = load_dataset(DataConfig(public_size=500, train_limit=3000, test_limit=500))
+    latents = encode_images(models["first_encoder"], ds.private.images)
+    teacher, _ = train_teacher(models["first_encoder"], models["second_encoder"], latents, ds.private.labels, 10,
+                               torch.device("cpu"), steps=150, batch_size=128)
+    return ds, teacher
+
+
+def test_teacher_learns_from_latents(setup):
+    ds, teacher = setup
+    assert evaluate(teacher, ds.test.images, ds.test.labels, torch.device("cpu")) > 0.5
+
+
+def test_distillation_with_teacher_runs_every_family(setup):
+    ds, teacher = setup
+    x, y = ds.private.images[:100], torch.nn.functional.one_hot(ds.private.labels[:100], 10).float()
+    cfg = StudentConfig(steps=5, batch_size=32)
+    for spec in ("soft_ce:1,kd:1", "dkd", "mi_prior", "ddkd", "mixed"):
+        model = train_student(x, y, cfg, torch.device("cpu"), loss=spec, teacher=teacher)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train_student(x, y, cfg, torch.device("cpu"), loss="kd")
+    with pytest.raises(ValueError, match="teacher channels >= student channels"):
+        train_student(x, y, cfg, torch.device("cpu"), loss="channel_sparse", teacher=setup[1])
+
+
+def test_weak_view_is_the_same_transform_at_lower_strength():
+    """Same draws: the teacher's view moves a bright pixel half as far as the student's (SPEC §2)."""
+    img = torch.full((64, 1, 32, 32), -1.0)
+    img[:, :, 10, 20] = 1.0
+    grid_y, grid_x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+
+    def centroid(x):
+        w = (x[:, 0] + 1).clamp_min(0)
+        return torch.stack([(w * grid_x).sum((1, 2)) / w.sum((1, 2)), (w * grid_y).sum((1, 2)) / w.sum((1, 2))], 1)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    strong = random_affine(img, 1.0, g, flip=False)
+    weak = random_affine(img, 0.5, torch.Generator().set_state(state), flip=False)
+    move_strong = (centroid(strong) - centroid(img)).norm(dim=1)
+    move_weak = (centroid(weak) - centroid(img)).norm(dim=1)
+    ratio = (move_weak / move_strong.clamp_min(1e-6))[move_strong > 1.0]
+    assert 0.35 < ratio.median() < 0.65

@@ -1,0 +1,123 @@
+"""Loss registry (issue 5): gradients, known values, Hungarian matching vs brute force."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.channel_matching import (channel_distances, grouped_assignment, sparse_assignment, target_maxpool,
+                                     teacher_group_order)
+import server.ddkd  # noqa: F401  (registers ddkd)
+from server.losses import LOSSES, KD, LossInputs, MutualInformationPrior, build_losses, dkd_parts
+from shared.models.distill_points import FeatureTap
+from shared.models.students import build_student
+
+K = 10
+
+
+def inputs(student_logits, teacher_logits=None, fs=None, ft=None, targets=None):
+    targets = targets if targets is not None else F.one_hot(torch.arange(len(student_logits)) % K, K).float()
+    return LossInputs(student_logits, targets, teacher_logits, fs, ft)
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_gradients_reach_the_student(name):
+    torch.manual_seed(0)
+    student = build_student("convnet3", 1, K)
+    tap = FeatureTap(student, "convnet3")
+    x = torch.randn(8, 1, 32, 32)
+    logits = student(x)
+    teacher_feat = torch.randn(8, 256, 8, 8) if name.startswith("channel") else torch.randn(8, 64, 4, 4)
+    loss_fn = LOSSES[name](K, student_channels=128, teacher_channels=teacher_feat.shape[1])
+    loss = loss_fn(inputs(logits, torch.randn(8, K), tap.value, teacher_feat))
+    loss.backward()
+    grads = [p.grad for p in student.parameters()]
+    assert torch.isfinite(loss) and any(g is not None and g.abs().sum() > 0 for g in grads)
+    if name == "mi_prior":
+        assert loss_fn.m.grad.abs().sum() > 0 and loss_fn.d.grad.abs().sum() > 0
+
+
+def test_mi_identical_vs_independent():
+    mi = MutualInformationPrior(K)
+    onehot_logits = F.one_hot(torch.arange(1000) % K, K).float() * 50
+    with torch.no_grad():                        # prior = the true (uniform) student marginal
+        mi.m.zero_()
+        mi.d.zero_()
+    identical = mi(inputs(onehot_logits, onehot_logits))
+    assert identical.item() == pytest.approx(-math.log(K), abs=1e-3), "identical: MI = log C"
+    g = torch.Generator().manual_seed(0)
+    s = F.one_hot(torch.randint(0, K, (20000,), generator=g), K).float() * 50
+    t = F.one_hot(torch.randint(0, K, (20000,), generator=g), K).float() * 50
+    assert abs(mi(inputs(s, t)).item()) < 0.01, "independent: MI = 0"
+
+
+def test_dkd_decomposes_kd():
+    """DKD paper, eq. 4: KD = TCKD + (1 - p_t^gt) NCKD, per sample."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(16, K, generator=g) * 3, torch.randn(16, K, generator=g) * 3
+    target = torch.randint(0, K, (16,), generator=g)
+    T = 4.0
+    tckd, nckd, pt_gt = dkd_parts(s, t, target, T)
+    pt = F.softmax(t / T, 1)
+    kd_per_sample = (pt * (pt.log() - F.log_softmax(s / T, 1))).sum(1) * T * T
+    torch.testing.assert_close(kd_per_sample, tckd + (1 - pt_gt) * nckd, rtol=1e-4, atol=1e-4)
+    assert KD(K, T)(inputs(s, t)).item() == pytest.approx(kd_per_sample.mean().item(), rel=1e-5)
+
+
+def brute_force_injective(dist):
+    n, m = dist.shape
+    return min(itertools.permutations(range(m), n), key=lambda cols: dist[range(n), list(cols)].sum())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sparse_assignment_equals_brute_force(seed):
+    dist = np.random.default_rng(seed).random((3, 5))
+    got = sparse_assignment(dist)
+    best = brute_force_injective(dist)
+    assert len(set(got)) == 3, "each student channel gets its own teacher channel"
+    assert dist[range(3), got].sum() == pytest.approx(dist[range(3), list(best)].sum())
+    assert got.max() < 5, "padded rows never win a real teacher channel for a student channel"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grouped_assignment_equals_brute_force(seed):
+    dist = np.random.default_rng(seed).random((2, 5))         # r = 2, s = 4 teacher channels used
+    groups = grouped_assignment(dist)
+    chosen = teacher_group_order(5, 4)
+    assert groups.shape == (2, 2) and len(set(groups.ravel())) == 4 and set(groups.ravel()) <= set(chosen)
+    cost = sum(dist[i, g].sum() for i, g in enumerate(groups))
+    best = min(sum(dist[0, list(p[:2])]) + sum(dist[1, list(p[2:])]) for p in itertools.permutations(chosen))
+    assert cost == pytest.approx(best)
+
+
+def test_maxpool_rule_equals_explicit_loop():
+    g = torch.Generator().manual_seed(0)
+    fs, ft = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 7, 5, 5, generator=g)
+    got = target_maxpool(fs, ft)
+    groups = grouped_assignment(channel_distances(fs, ft).numpy())
+    want = torch.zeros_like(fs)
+    for i, group in enumerate(groups):
+        for b in range(4):
+            for y in range(5):
+                for x in range(5):
+                    want[b, i, y, x] = max(ft[b, j, y, x] for j in group)
+    torch.testing.assert_close(got, want)
+
+
+def test_composed_spec_and_unknown_name():
+    terms = build_losses("soft_ce:1,kd:0.5", K)
+    assert [w for _, w in terms] == [1.0, 0.5]
+    with pytest.raises(KeyError, match="soft_ce"):
+        build_losses("nope", K)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2", "convnet3"])
+def test_distillation_points_capture_pre_activation(name):
+    model = build_student(name, 1, K).eval()
+    tap = FeatureTap(model, name)
+    model(torch.randn(2, 1, 32, 32))
+    assert tap.value is not None and tap.value.ndim == 4
+    if name != "shufflenet_v2":
+        assert (tap.value < 0).any(), "captured before the activation, so negatives survive"
