@@ -15,9 +15,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import collect
+from server.ledger import build_ledger, write_ledger
 from server.pipeline import condense_and_evaluate
 from server.pool import LatentPool
 from server.pretrain import load_or_train_autoencoder
+from shared.accounting import default_delta, noise_for_epsilon
 from shared.config import DemoConfig, FederationConfig
 from shared.data import ImageSplit, load_dataset
 from shared.device import resolve_device, seed_everything
@@ -32,16 +34,35 @@ def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
     seed_everything(cfg.data.seed)
     ds = load_dataset(cfg.data)
     e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, device)
+    cfg, delta = calibrate_privacy(cfg, e1, ds)
     pool = LatentPool(out / "pool")
     fed = collect(grid, e1.cpu(), cfg.data, cfg.federation, pool, ds.num_classes)
     e1.to(device)
     latents, labels, owners = pool.load()
     fed["uplink_bytes_per_image"] = fed["bytes_received"] / max(len(labels), 1)
     fed["raw_bytes_per_image"] = ds.raw_bytes_per_image
-    info = {"mode": "federated", "pretrain": ae["seconds"], "federation": fed,
+    ledger = build_ledger(cfg, fed, list(latents.shape[1:]), delta)
+    write_ledger(out, ledger)
+    info = {"mode": "federated", "pretrain": ae["seconds"], "federation": fed, "privacy": ledger["summary"],
             "checkpoints": {"autoencoder": ae["path"]}}
     return condense_and_evaluate(ds, cfg, e1, dec, ImageSplit(latents, labels, owners * 10**7 + _local_index(owners)),
                                  info, out, device)
+
+
+def calibrate_privacy(cfg: DemoConfig, e1, ds) -> tuple[DemoConfig, float | None]:
+    """Turn `--target-epsilon` into (clip C, noise sigma) for the clients. C defaults to the median
+    latent norm on the server's public split (no privacy cost)."""
+    fed = cfg.federation
+    if fed is None or not fed.target_epsilon:
+        return cfg, None
+    import torch
+
+    from client.encode import encode_images
+    delta = fed.delta or default_delta(len(ds.private))
+    clip = fed.clip_norm or float(encode_images(e1, ds.public.images[:2000]).flatten(1).norm(dim=1).median())
+    sigma = noise_for_epsilon(fed.target_epsilon, delta)
+    log.info("DP: target epsilon %.3g, delta %.2g -> clip %.3g, noise multiplier %.4g", fed.target_epsilon, delta, clip, sigma)
+    return replace(cfg, federation=replace(fed, clip_norm=clip, noise_multiplier=sigma)), delta
 
 
 def _local_index(owners):
@@ -58,7 +79,7 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     """Map `[tool.flwr.app.config]` keys onto the typed config (unknown keys are an error)."""
     known = {"out", "clients", "alpha", "iid", "ipc", "T", "layout", "device", "train-limit", "test-limit",
              "ae-steps", "chain-steps", "module-steps", "student-steps", "full-epochs", "timeout",
-             "chunk-size", "no-full"}
+             "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm"}
     unknown = set(run_config) - known
     if unknown:
         raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")

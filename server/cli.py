@@ -46,6 +46,9 @@ def _add_federation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iid", action="store_true", help="IID split instead of Dirichlet")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for a round of client replies")
     p.add_argument("--chunk-size", type=int, default=None, help="latents per sealed message")
+    p.add_argument("--target-epsilon", type=float, default=None, help="client-side DP: epsilon per image")
+    p.add_argument("--delta", type=float, default=None, help="DP delta (default 1/(10 n))")
+    p.add_argument("--clip-norm", type=float, default=None, help="latent L2 clip (default: median public norm)")
 
 
 def demo_config(args):
@@ -67,7 +70,8 @@ def demo_config(args):
     fed = None
     if not getattr(args, "local", True):
         fed = override(FederationConfig(), clients=args.clients, alpha=args.alpha, timeout=args.timeout,
-                       chunk_size=args.chunk_size, partition_seed=args.seed, iid=args.iid or None)
+                       chunk_size=args.chunk_size, partition_seed=args.seed, iid=args.iid or None,
+                       target_epsilon=args.target_epsilon, delta=args.delta, clip_norm=args.clip_norm)
     return replace(cfg, data=data, autoencoder=ae, chain=chain, condense=cond, student=student, ipcs=ipcs,
                    baselines=baselines, device=args.device, federation=fed)
 
@@ -151,6 +155,20 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from server.audit import run_audit
+    from shared.device import resolve_device
+    result = run_audit(Path(args.run_dir), resolve_device(args.device), args.shadows, args.candidates,
+                       args.inverter_steps, [Path(p) for p in args.compare])
+    mia = result["membership"]
+    print(f"membership AUC: loss-threshold {mia['loss_threshold']['auc']:.3f}"
+          + (f", LiRA {mia['lira_offline']['auc']:.3f}" if "lira_offline" in mia else ""))
+    for name, v in result["inversion"]["settings"].items():
+        print(f"inversion {name}: PSNR {v['psnr_db']:.2f} dB, SSIM {v['ssim']:.3f}")
+    print(f"audit: {Path(args.run_dir) / 'audit' / 'audit.html'}")
+    return 0
+
+
 def cmd_certs(args) -> int:
     from server.certs import make_certificates
     paths = make_certificates(Path(args.out), args.host, args.nodes, args.days)
@@ -193,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_student(p)
     p.set_defaults(fn=cmd_distill)
+    p = sub.add_parser("audit", help="privacy audit of a run: membership inference, inversion, memorisation")
+    p.add_argument("run_dir")
+    p.add_argument("--shadows", type=int, default=4, help="LiRA OUT shadow students (0: loss-threshold only)")
+    p.add_argument("--candidates", type=int, default=500, help="members (and as many non-members) attacked")
+    p.add_argument("--inverter-steps", type=int, default=300)
+    p.add_argument("--compare", nargs="*", default=[], help="other runs (e.g. other epsilons) for the utility curve")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=cmd_audit)
     p = sub.add_parser("certs", help="CA, SuperLink certificate (with SANs) and SuperNode key pairs")
     p.add_argument("--out", default="deploy/certs")
     p.add_argument("--host", nargs="+", default=["localhost", "127.0.0.1"], help="SANs: DNS names and IPs of the SuperLink")

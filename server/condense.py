@@ -82,7 +82,7 @@ def run_chain(cond_latents: torch.Tensor, first_encoder: FirstEncoder, second_en
     """cond_latents (B, T, c, s, s) -> (images (B, C, S, S), final latents (B, c, s, s))."""
     device = cond_latents.device
     B, T = cond_latents.shape[:2]
-    sched = make_scheduler(T, chain_cfg.beta_schedule, cfg.sampler)
+    sched = make_scheduler(T, chain_cfg.beta_schedule, cfg.sampler, cfg.clip_latent)
     if cfg.noise_init == "random":
         factor = 2 ** len(first_encoder.config.channels)
         shape = (B, decoder.config.out_channels, *(factor * s for s in cond_latents.shape[-2:]))

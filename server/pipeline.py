@@ -121,7 +121,7 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
                     "condense": sum(r["seconds_condense"] for r in per_ipc),
                     "student": sum(r[k]["seconds"] for r in per_ipc for k in ("synthetic", "random_real") if k in r)
                                + (full["seconds"] if full else 0.0)},
-        "federation": info.get("federation"),
+        "federation": info.get("federation"), "privacy": info.get("privacy"),
         "per_ipc": per_ipc, "full_real": full,
         "device": device_name(device), "checkpoints": info["checkpoints"], "config": to_jsonable(cfg),
     }
@@ -140,6 +140,11 @@ def format_table(report: dict) -> str:
     moved = f"encode {s['encode']:.1f}" if s.get("encode") is not None else f"collect {s['collect']:.1f}"
     lines.append(f"seconds: pretrain {s['pretrain']:.0f}, {moved}, condense {s['condense']:.1f}, "
                  f"student {s['student']:.0f}  | {report['mode']} | device {report['device']}")
+    if report.get("privacy"):
+        p = report["privacy"]
+        lines.append("privacy: no differential privacy (epsilon = inf); latents sealed in transit only"
+                     if p["mechanism"] == "none" else
+                     f"privacy: epsilon={p['epsilon']:.3g}, delta={p['delta']:.2g} per image ({p['neighbouring']})")
     fed = report.get("federation")
     if fed:
         lines.append(f"federation: {len(fed['accepted_nodes'])}/{len(fed['nodes'])} nodes accepted, "

@@ -58,6 +58,7 @@ class CondenseConfig:
     class_plan: str = "pure"                # 'pure': one class per image | 'mixed': soft labels n_c/T
     sampler: str = "ddim"                   # 'ddim' | 'ddpm'
     noise_init: str = "random"              # 'random' noise image | 'preset': mean of conditioning images
+    clip_latent: Optional[float] = 3.0      # clip predicted z_0 to [-r, r] while sampling (unit-variance latents)
     batch_size: int = 500
     seed: int = 0
 
@@ -89,6 +90,8 @@ class FederationConfig:
     connect_timeout: float = 120.0          # seconds to wait for the expected nodes to connect
     clip_norm: float = 0.0                  # client-side Gaussian mechanism (issue 4); 0 = off
     noise_multiplier: float = 0.0
+    target_epsilon: Optional[float] = None  # solve noise_multiplier for this epsilon (per image)
+    delta: Optional[float] = None           # default 1 / (10 n)
     client_threads: int = 1
 
 

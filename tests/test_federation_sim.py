@@ -1,15 +1,17 @@
 """The embedded default: Flower's simulation engine with K clients on a Dirichlet split (issue 3 §3)."""
 import json
 
+import pytest
 import torch
 
 from server.cli import main
+from shared.accounting import GaussianRelease
 from shared.config import DataConfig
 from shared.data import load_dataset
 
 TINY = ["--clients", "3", "--alpha", "0.5", "--train-limit", "1500", "--test-limit", "500", "--T", "5",
         "--ae-steps", "100", "--chain-steps", "60", "--module-steps", "2", "--student-steps", "60", "--no-full",
-        "--chunk-size", "300", "--device", "cpu"]
+        "--chunk-size", "300", "--device", "cpu", "--target-epsilon", "8"]
 
 
 def test_simulated_federation_pools_every_client(tmp_path):
@@ -28,3 +30,10 @@ def test_simulated_federation_pools_every_client(tmp_path):
     assert pooled == torch.bincount(private.labels, minlength=10).tolist()
     assert fed["uplink_bytes_per_image"] < fed["raw_bytes_per_image"]
     assert all(c["peak_rss_mb"] > 0 and c["encode_seconds"] > 0 for c in fed["clients"].values())
+
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    assert report["privacy"]["epsilon"] == ledger["summary"]["epsilon"] <= 8.0
+    release = ledger["releases"][0]
+    again = GaussianRelease(release["clip_norm"], release["noise_multiplier"], release["delta"]).epsilon()
+    assert again == pytest.approx(ledger["summary"]["epsilon"]) and release["delta"] < 1 / 1500
+    assert {r["latents"] for r in ledger["releases"]} and all(r["cipher"].startswith("X25519") for r in ledger["releases"])

@@ -49,9 +49,15 @@ class NoiseEstimators(ModelMixin, ConfigMixin):
         return self.estimator(t)(z_t, steps, encoder_hidden_states=cond).sample
 
 
-def make_scheduler(T: int, beta_schedule: str, sampler: str = "ddpm"):
-    """DDPM for training/ancestral sampling, DDIM (eta 0) for deterministic sampling; T train steps."""
-    kwargs = dict(num_train_timesteps=T, beta_schedule=beta_schedule, clip_sample=False, prediction_type="epsilon")
+def make_scheduler(T: int, beta_schedule: str, sampler: str = "ddpm", clip_range: float | None = None):
+    """DDPM for training/ancestral sampling, DDIM (eta 0) for deterministic sampling; T train steps.
+
+    `clip_range`: clip the predicted z_0 to [-r, r] while sampling. Needed because the cosine
+    schedule's last step has a_bar ~ 1e-5, where z_0 = (z - sqrt(1 - a_bar) eps) / sqrt(a_bar) would
+    amplify the estimator's error ~300x.
+    """
+    kwargs = dict(num_train_timesteps=T, beta_schedule=beta_schedule, prediction_type="epsilon",
+                  clip_sample=clip_range is not None, clip_sample_range=clip_range or 1.0)
     if sampler == "ddpm":
         sched = DDPMScheduler(**kwargs)
     elif sampler == "ddim":

@@ -1,0 +1,106 @@
+"""Privacy attacks an auditor can rerun (issue 4 §3): membership inference, latent inversion,
+memorisation distances. Each returns plain numbers; `server/audit.py` draws and reports them."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import stats
+
+from shared.progress import progress
+
+
+# ------------------------------------------------------------------ membership inference
+@torch.no_grad()
+def example_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> np.ndarray:
+    """LiRA's per-example statistic: the logit-scaled confidence on the true label, log(p / (1 - p))."""
+    model.eval()
+    out = []
+    for lo in range(0, len(images), batch):
+        logp = F.log_softmax(model(images[lo:lo + batch]).double(), 1)
+        p_true = logp.gather(1, labels[lo:lo + batch, None]).squeeze(1)
+        out.append((p_true - torch.log1p(-p_true.exp().clamp(max=1 - 1e-12))).numpy())
+    return np.concatenate(out)
+
+
+def roc(scores: np.ndarray, is_member: np.ndarray) -> dict:
+    """ROC of 'higher score = member': AUC and TPR at 1 % and 0.1 % FPR, plus the curve for plots."""
+    order = np.argsort(-scores, kind="stable")
+    truth = is_member[order].astype(bool)
+    tpr = np.concatenate([[0], np.cumsum(truth) / max(truth.sum(), 1)])
+    fpr = np.concatenate([[0], np.cumsum(~truth) / max((~truth).sum(), 1)])
+    auc = float(np.trapezoid(tpr, fpr))
+    at = lambda f: float(tpr[np.searchsorted(fpr, f, side="right") - 1])
+    return {"auc": auc, "tpr_at_1pct_fpr": at(0.01), "tpr_at_0.1pct_fpr": at(0.001),
+            "fpr": fpr[:: max(1, len(fpr) // 400)].tolist(), "tpr": tpr[:: max(1, len(tpr) // 400)].tolist()}
+
+
+def loss_threshold_attack(target_scores: np.ndarray, is_member: np.ndarray) -> dict:
+    """Yeom et al. 2018 baseline: lower loss (higher confidence) means member."""
+    return roc(target_scores, is_member)
+
+
+def lira_offline(target_scores: np.ndarray, shadow_out_scores: np.ndarray, is_member: np.ndarray) -> dict:
+    """LiRA, offline variant (Carlini et al. 2022): per example, fit a Gaussian to its scores under
+    shadow models that did NOT train on it; the test statistic is how far above that the target lies.
+    `shadow_out_scores`: (num_shadows, N)."""
+    mu, sd = shadow_out_scores.mean(0), shadow_out_scores.std(0) + 1e-6
+    return roc(stats.norm.logcdf(target_scores, mu, sd), is_member)
+
+
+# ------------------------------------------------------------------ latent inversion
+def train_inverter(first_encoder: nn.Module, decoder_factory, public_images: torch.Tensor, steps: int,
+                   device: torch.device, seed: int = 0, noise_std: float = 0.0) -> nn.Module:
+    """The attacker knows E1 and holds public images: it trains its own inverse E1(x) -> x.
+    `noise_std` > 0 trains it on noised latents, as an attacker facing DP would."""
+    torch.manual_seed(seed)
+    inv = decoder_factory().to(device)
+    opt = torch.optim.AdamW(inv.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in progress(range(steps), desc="inverter", unit="step"):
+        x = public_images[torch.randint(0, len(public_images), (128,), generator=gen)].to(device)
+        with torch.no_grad():
+            z = first_encoder(x)
+            z = z + noise_std * torch.randn(z.shape, generator=gen).to(device)
+        loss = F.mse_loss(inv(z), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return inv.eval()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image, for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(4.0 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004) on [0, 1]-scaled images with a Gaussian window (sigma 1.5)."""
+    a, b = (a + 1) / 2, (b + 1) / 2
+    coords = torch.arange(window, dtype=a.dtype) - window // 2
+    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    kernel = (g[:, None] * g[None, :] / g.sum() ** 2).expand(a.shape[1], 1, window, window)
+    blur = lambda x: F.conv2d(x, kernel, groups=a.shape[1])
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+# ------------------------------------------------------------------ memorisation
+def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, exclude_self: bool = False,
+                      batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """L2 distance (pixel space, per-pixel RMS) from each query to its nearest reference image, and its index."""
+    ref = reference.flatten(1)
+    dists, idxs = [], []
+    for lo in range(0, len(queries), batch):
+        d = torch.cdist(queries[lo:lo + batch].flatten(1), ref)
+        if exclude_self:
+            d[torch.arange(d.shape[0]), torch.arange(lo, lo + d.shape[0])] = float("inf")
+        best = d.min(1)
+        dists.append(best.values / ref.shape[1] ** 0.5)
+        idxs.append(best.indices)
+    return torch.cat(dists).numpy(), torch.cat(idxs).numpy()

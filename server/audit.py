@@ -1,0 +1,181 @@
+"""`fedcondense audit RUN_DIR`: rerunnable privacy audit of a run (issue 4 §3) -> audit.json + audit.html.
+
+Members are real private images whose latents conditioned the audited synthetic set (manifest);
+non-members are private images that conditioned nothing. Figures are PNG files next to the page.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.privacy import gaussian_mechanism
+from server import attacks
+from server.condense import SyntheticSet, condense, save_grid
+from server.student import train_student
+from shared.accounting import default_delta, noise_for_epsilon
+from shared.config import (AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, StudentConfig)
+from shared.data import ImageSplit, load_dataset
+from shared.models.first_encoder import Decoder, FirstEncoder
+from shared.models.noise_estimators import NoiseEstimators
+from shared.models.second_encoder import SecondEncoder
+from shared.partition import partition
+
+
+def _cfg(cls, d: dict):
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def resolve_real_index(report: dict, ds, ids: torch.Tensor) -> torch.Tensor:
+    """Manifest ids -> positions in the private split (federated ids are node * 1e7 + local index)."""
+    if report["mode"] != "federated":
+        pos = {int(i): k for k, i in enumerate(ds.private.ids.tolist())}
+        return torch.tensor([pos[int(i)] for i in ids.tolist()])
+    fed = report["config"]["federation"]
+    parts = partition(ds.private.labels.numpy(), len(report["federation"]["nodes"]), iid=fed["iid"],
+                      alpha=fed["alpha"], seed=fed["partition_seed"])
+    node_to_pid = {int(n): c["partition_id"] for n, c in report["federation"]["clients"].items()}
+    return torch.tensor([int(parts[node_to_pid[int(i) // 10**7]][int(i) % 10**7]) for i in ids.tolist()])
+
+
+class AuditContext:
+    def __init__(self, run: Path, device: torch.device, ipc: int | None = None):
+        self.run, self.device = Path(run), device
+        self.report = json.loads((self.run / "report.json").read_text())
+        cfg = self.report["config"]
+        self.data_cfg = _cfg(DataConfig, cfg["data"])
+        self.student_cfg = _cfg(StudentConfig, cfg["student"])
+        self.chain_cfg = _cfg(ChainConfig, cfg["chain"])
+        self.condense_cfg = _cfg(CondenseConfig, cfg["condense"])
+        self.ds = load_dataset(self.data_cfg)
+        ipc = ipc or self.report["ipc"]
+        self.synthetic = SyntheticSet.load(self.run / f"ipc{ipc}")
+        ckpt = Path(self.report["checkpoints"]["autoencoder"])
+        self.e1 = FirstEncoder.from_pretrained(ckpt / "first_encoder").to(device).eval()
+        self.decoder_config = dict(Decoder.load_config(ckpt / "decoder"))
+        used = resolve_real_index(self.report, self.ds, self.synthetic.conditioning.flatten().unique())
+        unused = torch.from_numpy(np.setdiff1d(np.arange(len(self.ds.private)), used.numpy()))
+        self.members, self.nonmembers = used, unused
+
+    def candidates(self, n: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+        g = torch.Generator().manual_seed(seed)
+        m = self.members[torch.randperm(len(self.members), generator=g)[:n]]
+        o = self.nonmembers[torch.randperm(len(self.nonmembers), generator=g)[:min(n, len(m))]]
+        return torch.cat([m, o]), np.r_[np.ones(len(m)), np.zeros(len(o))]
+
+
+def membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
+    idx, is_member = ctx.candidates(candidates)
+    x, y = ctx.ds.private.images[idx], ctx.ds.private.labels[idx]
+    target = train_student(ctx.synthetic.images, ctx.synthetic.labels, ctx.student_cfg, ctx.device, desc="target")
+    target_scores = attacks.example_scores(target, x.to(ctx.device), y.to(ctx.device))
+    out = {"members": int(is_member.sum()), "nonmembers": int((1 - is_member).sum()),
+           "loss_threshold": attacks.loss_threshold_attack(target_scores, is_member)}
+    if shadows > 0:
+        out["lira_offline"] = attacks.lira_offline(target_scores, shadow_scores(ctx, idx, x, y, shadows), is_member)
+        out["shadows"] = shadows
+    return out
+
+
+def load_run_models(ctx: AuditContext) -> dict:
+    chain = Path(ctx.report["checkpoints"]["chain"])
+    meta = json.loads((chain / "meta.json").read_text())
+    e2_dir = Path(meta.get("second_encoder", chain)) / "second_encoder"
+    ae = Path(ctx.report["checkpoints"]["autoencoder"])
+    return {"first_encoder": ctx.e1, "decoder": Decoder.from_pretrained(ae / "decoder").to(ctx.device).eval(),
+            "second_encoder": SecondEncoder.from_pretrained(e2_dir).to(ctx.device).eval(),
+            "noise_estimators": NoiseEstimators.from_pretrained(chain / "noise_estimators").to(ctx.device).eval()}
+
+
+def shadow_scores(ctx: AuditContext, candidate_idx, x, y, shadows: int) -> np.ndarray:
+    """OUT shadows: synthetic sets conditioned on private latents that exclude every candidate.
+
+    Scope: shadows reuse the run's chain, which was trained on all pooled latents (candidates
+    included), so the audit measures leakage through conditioning and the student, not through
+    chain training."""
+    keep = torch.from_numpy(np.setdiff1d(np.arange(len(ctx.ds.private)), candidate_idx.numpy()))
+    pool = ctx.ds.private.subset(keep)
+    from client.encode import encode_images
+    latents = encode_images(ctx.e1, pool.images, device=ctx.device)
+    models = load_run_models(ctx)
+    scores = []
+    for s in range(shadows):
+        syn = condense(latents, pool.labels, pool.ids, ctx.ds.num_classes, models, ctx.chain_cfg,
+                       replace(ctx.condense_cfg, seed=1000 + s, selection="random"), ctx.device)
+        model = train_student(syn.images, syn.labels, replace(ctx.student_cfg, seed=1000 + s), ctx.device, desc=f"shadow {s}")
+        scores.append(attacks.example_scores(model, x.to(ctx.device), y.to(ctx.device)))
+    return np.stack(scores)
+
+
+def inversion(ctx: AuditContext, steps: int, n: int, figures: Path) -> dict:
+    """An attacker with E1 and public data inverts submitted latents; with and without DP noise."""
+    idx, _ = ctx.candidates(n)
+    idx = idx[:n]
+    x = ctx.ds.private.images[idx].to(ctx.device)
+    with torch.no_grad():
+        clean = ctx.e1(x)
+    clip = float(clean.flatten(1).norm(dim=1).median())
+    delta = default_delta(len(ctx.ds.private))
+    settings = {"no DP": None, **{f"epsilon={e:g}": noise_for_epsilon(e, delta) for e in (8.0, 1.0)}}
+    factory = lambda: Decoder(**{k: v for k, v in ctx.decoder_config.items() if not k.startswith("_")})
+    results, rows = {}, [x.cpu()]
+    for name, sigma in settings.items():
+        inv = attacks.train_inverter(ctx.e1, factory, ctx.ds.public.images, steps, ctx.device,
+                                     noise_std=0.0 if sigma is None else sigma * clip)
+        z = clean if sigma is None else gaussian_mechanism(clean.cpu(), clip, sigma, torch.Generator().manual_seed(0)).to(ctx.device)
+        with torch.no_grad():
+            rec = inv(z).cpu()
+        results[name] = {"psnr_db": float(attacks.psnr(rec, x.cpu()).mean()), "ssim": float(attacks.ssim(rec, x.cpu()).mean()),
+                         "noise_multiplier": sigma, "clip_norm": clip}
+        rows.append(rec)
+    grid = torch.cat([r[:10] for r in rows])
+    save_grid(grid, torch.arange(len(rows)).repeat_interleave(10), figures / "inversion.png")
+    return {"settings": results, "rows": ["original", *settings], "images": n, "inverter_steps": steps}
+
+
+def memorisation(ctx: AuditContext, figures: Path, reference: int = 20000) -> dict:
+    """Nearest real training image of each synthetic image vs real-to-real nearest distances."""
+    g = torch.Generator().manual_seed(0)
+    ref_idx = torch.randperm(len(ctx.ds.private), generator=g)[:reference]
+    ref = ctx.ds.private.images[ref_idx]
+    syn_d, syn_nn = attacks.nearest_distances(ctx.synthetic.images, ref)
+    real_q = ref[:1000]
+    real_d, _ = attacks.nearest_distances(real_q, ref, exclude_self=True)
+    order = np.argsort(syn_d)[:8]
+    pairs = torch.cat([ctx.synthetic.images[torch.from_numpy(order)], ref[torch.from_numpy(syn_nn[order])]])
+    save_grid(pairs, torch.arange(2).repeat_interleave(8), figures / "closest_pairs.png", per_class=8)
+    return {"synthetic_to_real": {"min": float(syn_d.min()), "median": float(np.median(syn_d))},
+            "real_to_real": {"min": float(real_d.min()), "median": float(np.median(real_d))},
+            "fraction_synthetic_closer_than_real_median": float((syn_d < np.median(real_d)).mean()),
+            "reference_images": int(len(ref)), "hist": {"synthetic": syn_d.tolist(), "real": real_d.tolist()}}
+
+
+def utility_curve(run: Path, others: list[Path]) -> list[dict]:
+    points = []
+    for d in [run, *others]:
+        rep = json.loads((Path(d) / "report.json").read_text())
+        eps = (rep.get("privacy") or {}).get("epsilon", "inf")
+        points.append({"run": str(d), "epsilon": eps, "accuracy": rep["accuracy"]["synthetic"],
+                       "random_real": rep["accuracy"].get("random_real")})
+    return sorted(points, key=lambda p: float(p["epsilon"]) if p["epsilon"] != "inf" else float("inf"))
+
+
+def run_audit(run: Path, device: torch.device, shadows: int = 4, candidates: int = 500, inverter_steps: int = 300,
+              compare: list[Path] = ()) -> dict:
+    start = time.time()
+    ctx = AuditContext(run, device)
+    figures = Path(run) / "audit"
+    figures.mkdir(parents=True, exist_ok=True)
+    result = {"run": str(run), "mode": ctx.report["mode"], "privacy": ctx.report.get("privacy"),
+              "membership": membership(ctx, shadows, candidates),
+              "inversion": inversion(ctx, inverter_steps, 200, figures),
+              "memorisation": memorisation(ctx, figures),
+              "privacy_utility": utility_curve(Path(run), list(compare))}
+    result["seconds"] = time.time() - start
+    from server.audit_report import write_report
+    write_report(result, figures)
+    return result

@@ -1,0 +1,98 @@
+"""audit.json + a self-contained audit.html (inline CSS, figures as PNG files beside it)."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FIGURES = ("roc.png", "inversion.png", "memorisation.png", "closest_pairs.png", "privacy_utility.png")
+
+
+def plot_roc(mia: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for name in ("loss_threshold", "lira_offline"):
+        if name in mia:
+            r = mia[name]
+            ax.plot([max(f, 1e-4) for f in r["fpr"]], [max(t, 1e-4) for t in r["tpr"]], label=f"{name} (AUC {r['auc']:.3f})")
+    ax.plot([1e-4, 1], [1e-4, 1], "k:", label="chance")
+    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate", title="Membership inference")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_memorisation(mem: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(mem["hist"]["real"], bins=40, alpha=0.6, density=True, label="real -> nearest other real")
+    ax.hist(mem["hist"]["synthetic"], bins=40, alpha=0.6, density=True, label="synthetic -> nearest real")
+    ax.set(xlabel="RMS pixel distance (images in [-1, 1])", ylabel="density", title="Distance to nearest training image")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_utility(points: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    xs = [p["epsilon"] if p["epsilon"] != "inf" else "inf (no DP)" for p in points]
+    labels = [str(x if isinstance(x, str) else f"{x:g}") for x in xs]
+    ax.plot(labels, [p["accuracy"] for p in points], "o-", label="student on synthetic set")
+    if all(p.get("random_real") is not None for p in points):
+        ax.plot(labels, [p["random_real"] for p in points], "s--", label="random real (no DP, reference)")
+    ax.set(xlabel="epsilon per image", ylabel="test accuracy", title="Privacy-utility", ylim=(0, 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _row(*cells) -> str:
+    return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+
+
+def write_report(result: dict, out: Path) -> None:
+    out = Path(out)
+    mia, inv, mem = result["membership"], result["inversion"], result["memorisation"]
+    plot_roc(mia, out / "roc.png")
+    plot_memorisation(mem, out / "memorisation.png")
+    plot_utility(result["privacy_utility"], out / "privacy_utility.png")
+    (out / "audit.json").write_text(json.dumps(result, indent=2))
+    priv = result.get("privacy") or {"mechanism": "none", "epsilon": "inf"}
+    dp = ("No differential privacy was applied: epsilon = inf. Latents were only sealed in transit."
+          if priv.get("mechanism") == "none" else
+          f"Client-side Gaussian mechanism: epsilon = {priv['epsilon']:.4g}, delta = {priv['delta']:.2g} per image "
+          f"({priv['neighbouring']}).")
+    mia_rows = "".join(_row(k, f"{mia[k]['auc']:.4f}", f"{mia[k]['tpr_at_1pct_fpr']:.4f}", f"{mia[k]['tpr_at_0.1pct_fpr']:.4f}")
+                       for k in ("loss_threshold", "lira_offline") if k in mia)
+    inv_rows = "".join(_row(k, f"{v['psnr_db']:.2f}", f"{v['ssim']:.4f}") for k, v in inv["settings"].items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedcondense privacy audit</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px}}img{{max-width:100%;border:1px solid #ddd}}.note{{color:#555}}</style></head><body>
+<h1>Privacy audit</h1><p>Run: <code>{html.escape(result['run'])}</code> ({html.escape(result['mode'])}).</p>
+<h2>Differential privacy spent</h2><p>{html.escape(dp)}</p>
+<h2>Membership inference against the student</h2>
+<p class="note">Members: {mia['members']} real private images whose latents conditioned the synthetic set; non-members:
+{mia['nonmembers']} private images that conditioned nothing. LiRA (offline) uses {mia.get('shadows', 0)} OUT shadow students;
+the shadows reuse the run's chain, so this measures leakage through conditioning and the student.</p>
+<table><tr><th>attack</th><th>AUC</th><th>TPR @ 1% FPR</th><th>TPR @ 0.1% FPR</th></tr>{mia_rows}</table>
+<p><img src="roc.png" alt="ROC curves"></p>
+<h2>Latent inversion</h2><p class="note">An attacker who knows E1 trains an inverse network on the public split ({inv['inverter_steps']} steps)
+and reconstructs {inv['images']} client images from their latents. Rows: {html.escape(', '.join(inv['rows']))}.</p>
+<table><tr><th>setting</th><th>PSNR (dB)</th><th>SSIM</th></tr>{inv_rows}</table><p><img src="inversion.png" alt="inversion grid"></p>
+<h2>Memorisation</h2><p>Median distance synthetic -> nearest real: {mem['synthetic_to_real']['median']:.4f};
+real -> nearest other real: {mem['real_to_real']['median']:.4f}; fraction of synthetic images closer than the real median:
+{mem['fraction_synthetic_closer_than_real_median']:.3f}.</p><p><img src="memorisation.png" alt="distance histogram"></p>
+<p class="note">Closest pairs (top row synthetic, bottom row its nearest real image):</p><p><img src="closest_pairs.png" alt="closest pairs"></p>
+<h2>Privacy-utility</h2><table><tr><th>epsilon</th><th>student accuracy</th><th>run</th></tr>
+{''.join(_row(p['epsilon'], f"{p['accuracy']:.4f}", p['run']) for p in result['privacy_utility'])}</table>
+<p><img src="privacy_utility.png" alt="privacy-utility curve"></p>
+<p class="note">Audit took {result['seconds']:.0f} s. Numbers in audit.json.</p>
+<script>window.addEventListener("load", () => {{ document.body.dataset.brokenImages =
+  [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).length; }});</script></body></html>"""
+    (out / "audit.html").write_text(page)

@@ -1,0 +1,46 @@
+"""The audit's attacks can fail a run: a deliberately leaky student is flagged (issue 4 acceptance)."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from server import attacks
+from server.student import train_student
+from shared.config import DataConfig, StudentConfig
+from shared.data import load_dataset
+
+
+def test_leaky_student_is_flagged_by_both_attacks():
+    ds = load_dataset(DataConfig(public_size=500, train_limit=600, test_limit=100))
+    members, others = ds.private.subset(range(0, 100)), ds.private.subset(range(100, 200))
+    cfg = StudentConfig(steps=250, batch_size=100, augment="none", lr=0.05)
+    onehot = lambda s: F.one_hot(s.labels, 10).float()
+    target = train_student(members.images, onehot(members), cfg, torch.device("cpu"))
+    x = torch.cat([members.images, others.images])
+    y = torch.cat([members.labels, others.labels])
+    is_member = np.r_[np.ones(100), np.zeros(100)]
+    scores = attacks.example_scores(target, x, y)
+    loss_attack = attacks.loss_threshold_attack(scores, is_member)
+    shadows = []
+    for k in range(2):        # OUT shadows: trained on disjoint real images
+        part = ds.private.subset(range(200 + 100 * k, 300 + 100 * k))
+        shadow = train_student(part.images, onehot(part), StudentConfig(**{**cfg.__dict__, "seed": k + 1}), torch.device("cpu"))
+        shadows.append(attacks.example_scores(shadow, x, y))
+    lira = attacks.lira_offline(scores, np.stack(shadows), is_member)
+    assert loss_attack["auc"] > 0.75 and lira["auc"] > 0.75, (loss_attack["auc"], lira["auc"])
+    assert 0 <= loss_attack["tpr_at_1pct_fpr"] <= 1
+
+
+def test_roc_of_random_scores_is_chance():
+    rng = np.random.default_rng(0)
+    r = attacks.roc(rng.random(20000), rng.random(20000) < 0.5)
+    assert abs(r["auc"] - 0.5) < 0.02
+
+
+def test_ssim_and_psnr_sanity():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+    assert torch.allclose(attacks.ssim(x, x), torch.ones(4), atol=1e-5)
+    noisy = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    noisier = (x + 0.8 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    assert (attacks.ssim(x, noisy) > attacks.ssim(x, noisier)).all()
+    assert (attacks.psnr(x, noisy) > attacks.psnr(x, noisier)).all()
