@@ -10,15 +10,15 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: demo test test-all bench data venv clean
+.PHONY: demo test test-all bench data browser venv clean
 
 demo: $(STAMP) data
 	$(BIN)/fedcondense demo --out $(OUT)
 
-test: $(STAMP) data
-	$(BIN)/python -m pytest -q -m "not slow"
+test: $(STAMP) data browser
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
-test-all: $(STAMP) data
+test-all: $(STAMP) data browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) data
@@ -40,6 +40,12 @@ data:
 	@test -f $(DATA) || { echo "installing dataset-fashion-mnist (Debian)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+
+# Headless Chromium for the audit-page test (Debian package; no browser download at run time).
+browser:
+	@command -v chromium >/dev/null || { echo "installing chromium (Debian)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 clean:
 	rm -rf runs .pytest_cache

@@ -38,15 +38,15 @@ def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
     pool = LatentPool(out / "pool")
     fed = collect(grid, e1.cpu(), cfg.data, cfg.federation, pool, ds.num_classes)
     e1.to(device)
-    latents, labels, owners = pool.load()
+    latents, labels, ids = pool.load()
     fed["uplink_bytes_per_image"] = fed["bytes_received"] / max(len(labels), 1)
     fed["raw_bytes_per_image"] = ds.raw_bytes_per_image
     ledger = build_ledger(cfg, fed, list(latents.shape[1:]), delta)
     write_ledger(out, ledger)
     info = {"mode": "federated", "pretrain": ae["seconds"], "federation": fed, "privacy": ledger["summary"],
             "checkpoints": {"autoencoder": ae["path"]}}
-    return condense_and_evaluate(ds, cfg, e1, dec, ImageSplit(latents, labels, owners * 10**7 + _local_index(owners)),
-                                 info, out, device)
+    fed["id_scheme"] = "rank * 10**7 + position; rank = line of pool/provenance.jsonl"
+    return condense_and_evaluate(ds, cfg, e1, dec, ImageSplit(latents, labels, ids), info, out, device)
 
 
 def calibrate_privacy(cfg: DemoConfig, e1, ds) -> tuple[DemoConfig, float | None]:
@@ -65,21 +65,11 @@ def calibrate_privacy(cfg: DemoConfig, e1, ds) -> tuple[DemoConfig, float | None
     return replace(cfg, federation=replace(fed, clip_norm=clip, noise_multiplier=sigma)), delta
 
 
-def _local_index(owners):
-    """Position of each latent within its node's submission (ids are node_id * 1e7 + index)."""
-    import torch
-    idx = torch.zeros_like(owners)
-    for node in owners.unique():
-        mask = owners == node
-        idx[mask] = torch.arange(int(mask.sum()))
-    return idx
-
-
 def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     """Map `[tool.flwr.app.config]` keys onto the typed config (unknown keys are an error)."""
     known = {"out", "clients", "alpha", "iid", "ipc", "T", "layout", "device", "train-limit", "test-limit",
              "ae-steps", "chain-steps", "module-steps", "student-steps", "full-epochs", "timeout",
-             "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm"}
+             "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student"}
     unknown = set(run_config) - known
     if unknown:
         raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")

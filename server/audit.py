@@ -26,20 +26,26 @@ from shared.models.second_encoder import SecondEncoder
 from shared.partition import partition
 
 
+def public_config_dict(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def _cfg(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def resolve_real_index(report: dict, ds, ids: torch.Tensor) -> torch.Tensor:
-    """Manifest ids -> positions in the private split (federated ids are node * 1e7 + local index)."""
+def resolve_real_index(report: dict, ds, ids: torch.Tensor, run: Path) -> torch.Tensor:
+    """Manifest ids -> positions in the private split (federated ids: rank * 1e7 + position, rank =
+    the node's line in pool/provenance.jsonl)."""
     if report["mode"] != "federated":
         pos = {int(i): k for k, i in enumerate(ds.private.ids.tolist())}
         return torch.tensor([pos[int(i)] for i in ids.tolist()])
     fed = report["config"]["federation"]
     parts = partition(ds.private.labels.numpy(), len(report["federation"]["nodes"]), iid=fed["iid"],
                       alpha=fed["alpha"], seed=fed["partition_seed"])
-    node_to_pid = {int(n): c["partition_id"] for n, c in report["federation"]["clients"].items()}
-    return torch.tensor([int(parts[node_to_pid[int(i) // 10**7]][int(i) % 10**7]) for i in ids.tolist()])
+    provenance = [json.loads(line) for line in (run / "pool" / "provenance.jsonl").read_text().splitlines()]
+    rank_to_pid = [p["partition_id"] for p in provenance]
+    return torch.tensor([int(parts[rank_to_pid[int(i) // 10**7]][int(i) % 10**7]) for i in ids.tolist()])
 
 
 class AuditContext:
@@ -55,9 +61,9 @@ class AuditContext:
         ipc = ipc or self.report["ipc"]
         self.synthetic = SyntheticSet.load(self.run / f"ipc{ipc}")
         ckpt = Path(self.report["checkpoints"]["autoencoder"])
-        self.e1 = FirstEncoder.from_pretrained(ckpt / "first_encoder").to(device).eval()
+        self.e1 = FirstEncoder.from_pretrained(ckpt / "first_encoder", low_cpu_mem_usage=False).to(device).eval()
         self.decoder_config = dict(Decoder.load_config(ckpt / "decoder"))
-        used = resolve_real_index(self.report, self.ds, self.synthetic.conditioning.flatten().unique())
+        used = resolve_real_index(self.report, self.ds, self.synthetic.conditioning.flatten().unique(), self.run)
         unused = torch.from_numpy(np.setdiff1d(np.arange(len(self.ds.private)), used.numpy()))
         self.members, self.nonmembers = used, unused
 
@@ -86,9 +92,9 @@ def load_run_models(ctx: AuditContext) -> dict:
     meta = json.loads((chain / "meta.json").read_text())
     e2_dir = Path(meta.get("second_encoder", chain)) / "second_encoder"
     ae = Path(ctx.report["checkpoints"]["autoencoder"])
-    return {"first_encoder": ctx.e1, "decoder": Decoder.from_pretrained(ae / "decoder").to(ctx.device).eval(),
-            "second_encoder": SecondEncoder.from_pretrained(e2_dir).to(ctx.device).eval(),
-            "noise_estimators": NoiseEstimators.from_pretrained(chain / "noise_estimators").to(ctx.device).eval()}
+    return {"first_encoder": ctx.e1, "decoder": Decoder.from_pretrained(ae / "decoder", low_cpu_mem_usage=False).to(ctx.device).eval(),
+            "second_encoder": SecondEncoder.from_pretrained(e2_dir, low_cpu_mem_usage=False).to(ctx.device).eval(),
+            "noise_estimators": NoiseEstimators.from_pretrained(chain / "noise_estimators", low_cpu_mem_usage=False).to(ctx.device).eval()}
 
 
 def shadow_scores(ctx: AuditContext, candidate_idx, x, y, shadows: int) -> np.ndarray:
@@ -121,7 +127,7 @@ def inversion(ctx: AuditContext, steps: int, n: int, figures: Path) -> dict:
     clip = float(clean.flatten(1).norm(dim=1).median())
     delta = default_delta(len(ctx.ds.private))
     settings = {"no DP": None, **{f"epsilon={e:g}": noise_for_epsilon(e, delta) for e in (8.0, 1.0)}}
-    factory = lambda: Decoder(**{k: v for k, v in ctx.decoder_config.items() if not k.startswith("_")})
+    factory = lambda: Decoder(**public_config_dict(ctx.decoder_config))
     results, rows = {}, [x.cpu()]
     for name, sigma in settings.items():
         inv = attacks.train_inverter(ctx.e1, factory, ctx.ds.public.images, steps, ctx.device,

@@ -169,6 +169,51 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def _benchmarks():
+    """The harness lives in the checkout's benchmarks/ (a development tool, not an installed package)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "harness.py").exists():
+        raise FileNotFoundError("`bench` runs from a source checkout (benchmarks/harness.py not found)")
+    sys.path.insert(0, str(root))
+    from benchmarks import harness
+    return harness
+
+
+SCALES = {  # bench presets: smoke (tests), demo (a CPU in ~1 h), full (issue 6's grid)
+    "smoke": dict(ipcs=(1,), seeds=(0,), arms=("ours", "random_real", "dm", "full_real"), dm_iterations=3,
+                  full_steps=10, scaling_sizes=(200, 0)),
+    "demo": dict(ipcs=(1, 10, 50), seeds=(0,), arms=("ours", "ours_random", "random_real", "dm", "full_real"),
+                 dm_iterations=200, full_steps=400),
+    "full": dict(),
+}
+
+
+def cmd_bench(args) -> int:
+    harness = _benchmarks()
+    base = demo_config(args)
+    preset = dict(SCALES[args.scale])
+    if args.ipc:
+        preset["ipcs"] = tuple(args.ipc)
+    if args.seeds:
+        preset["seeds"] = tuple(args.seeds)
+    cfg = harness.BenchConfig(data=base.data, autoencoder=base.autoencoder, chain=base.chain, student=base.student,
+                              device=base.device, **preset)
+    path = harness.run_bench(cfg, Path(args.out))
+    doc = json.loads(path.read_text())
+    print(harness.markdown_table(doc))
+    print(f"results: {path} (+ {path.with_suffix('.png').name})")
+    return 0
+
+
+def cmd_bench_table(args) -> int:
+    harness = _benchmarks()
+    doc = json.loads(Path(args.results).read_text())
+    if args.readme:
+        harness.update_readme(doc, Path(args.readme))
+    print(harness.markdown_table(doc))
+    return 0
+
+
 def cmd_certs(args) -> int:
     from server.certs import make_certificates
     paths = make_certificates(Path(args.out), args.host, args.nodes, args.days)
@@ -219,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="*", default=[], help="other runs (e.g. other epsilons) for the utility curve")
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=cmd_audit)
+    p = sub.add_parser("bench", help="ours vs random real, DM and full data in one run; JSON + plots")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--scale", choices=sorted(SCALES), default="demo")
+    p.add_argument("--ipc", type=int, nargs="+", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    _add_common(p)
+    _add_student(p)
+    p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("bench-table", help="render the README results table from a bench JSON")
+    p.add_argument("results")
+    p.add_argument("--readme", default=None, help="rewrite the table between the bench markers of this file")
+    p.set_defaults(fn=cmd_bench_table)
     p = sub.add_parser("certs", help="CA, SuperLink certificate (with SANs) and SuperNode key pairs")
     p.add_argument("--out", default="deploy/certs")
     p.add_argument("--host", nargs="+", default=["localhost", "127.0.0.1"], help="SANs: DNS names and IPs of the SuperLink")

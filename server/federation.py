@@ -47,7 +47,12 @@ def request(e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig, run_i
         "latent_shape": [e1.config.latent_channels, data_cfg.image_size // 2 ** len(e1.config.channels),
                          data_cfg.image_size // 2 ** len(e1.config.channels)]})
     return RecordDict({"config": cfg, "first_encoder": ArrayRecord(e1.state_dict()),
-                       "first_encoder_config": ConfigRecord({"json": json.dumps(dict(e1.config))})})
+                       "first_encoder_config": ConfigRecord({"json": json.dumps(public_config(e1))})})
+
+
+def public_config(model) -> dict:
+    """A diffusers config without its private bookkeeping keys (`_name_or_path`, versions)."""
+    return {k: v for k, v in model.config.items() if not k.startswith("_")}
 
 
 class Collection:

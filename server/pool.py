@@ -63,13 +63,14 @@ class LatentPool:
         return entry
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents fp32, labels, node id per latent) over every committed node, in commit order."""
-        zs, ys, owners = [], [], []
-        for entry in self.provenance():
+        """(latents fp32, labels, ids) over every committed node in commit order. Flower node ids are
+        64-bit unsigned, so ids are `rank * 10**7 + position`, rank = the node's line in provenance."""
+        zs, ys, ids = [], [], []
+        for rank, entry in enumerate(self.provenance()):
             t = load_file(str(self.root / entry["file"]))
             zs.append(t["latents"].float())
             ys.append(t["labels"].long())
-            owners.append(torch.full((len(ys[-1]),), entry["node_id"], dtype=torch.long))
+            ids.append(rank * 10**7 + torch.arange(len(ys[-1])))
         if not zs:
             raise RuntimeError(f"the pool at {self.root} is empty: no client submission was accepted")
-        return torch.cat(zs), torch.cat(ys), torch.cat(owners)
+        return torch.cat(zs), torch.cat(ys), torch.cat(ids)

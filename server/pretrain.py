@@ -75,8 +75,8 @@ def load_or_train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, devi
     if not path.exists():
         enc, dec = train_autoencoder(images, cfg, device)
         _save(path, {"first_encoder": enc, "decoder": dec}, {"config": to_jsonable(cfg), "images": len(images)})
-    enc = FirstEncoder.from_pretrained(path / "first_encoder").to(device).eval()
-    dec = Decoder.from_pretrained(path / "decoder").to(device).eval()
+    enc = FirstEncoder.from_pretrained(path / "first_encoder", low_cpu_mem_usage=False).to(device).eval()
+    dec = Decoder.from_pretrained(path / "decoder", low_cpu_mem_usage=False).to(device).eval()
     return enc, dec, {"path": str(path), "seconds": time.time() - start}
 
 
@@ -150,13 +150,13 @@ def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.d
     if not shared_path.exists():
         e2, est = train_shared(latents, shared_cfg, device)
         _save(shared_path, {"second_encoder": e2, "noise_estimators": est}, {"config": to_jsonable(shared_cfg)})
-    e2 = SecondEncoder.from_pretrained(shared_path / "second_encoder").to(device).eval()
-    est = NoiseEstimators.from_pretrained(shared_path / "noise_estimators").to(device).eval()
+    e2 = SecondEncoder.from_pretrained(shared_path / "second_encoder", low_cpu_mem_usage=False).to(device).eval()
+    est = NoiseEstimators.from_pretrained(shared_path / "noise_estimators", low_cpu_mem_usage=False).to(device).eval()
     path = shared_path
     if cfg.layout == "separate":
         path = cache_dir("chain", cfg, key)
         if not path.exists():
             sep = finetune_separate(latents, cfg, e2, est, device)
             _save(path, {"noise_estimators": sep}, {"config": to_jsonable(cfg), "second_encoder": str(shared_path)})
-        est = NoiseEstimators.from_pretrained(path / "noise_estimators").to(device).eval()
+        est = NoiseEstimators.from_pretrained(path / "noise_estimators", low_cpu_mem_usage=False).to(device).eval()
     return e2, est, {"path": str(path), "seconds": time.time() - start}

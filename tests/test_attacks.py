@@ -12,7 +12,7 @@ from shared.data import load_dataset
 def test_leaky_student_is_flagged_by_both_attacks():
     ds = load_dataset(DataConfig(public_size=500, train_limit=600, test_limit=100))
     members, others = ds.private.subset(range(0, 100)), ds.private.subset(range(100, 200))
-    cfg = StudentConfig(steps=250, batch_size=100, augment="none", lr=0.05)
+    cfg = StudentConfig(model="convnet3_w32", steps=400, batch_size=100, augment="none", lr=0.05, weight_decay=0.0)
     onehot = lambda s: F.one_hot(s.labels, 10).float()
     target = train_student(members.images, onehot(members), cfg, torch.device("cpu"))
     x = torch.cat([members.images, others.images])
@@ -26,7 +26,7 @@ def test_leaky_student_is_flagged_by_both_attacks():
         shadow = train_student(part.images, onehot(part), StudentConfig(**{**cfg.__dict__, "seed": k + 1}), torch.device("cpu"))
         shadows.append(attacks.example_scores(shadow, x, y))
     lira = attacks.lira_offline(scores, np.stack(shadows), is_member)
-    assert loss_attack["auc"] > 0.75 and lira["auc"] > 0.75, (loss_attack["auc"], lira["auc"])
+    assert loss_attack["auc"] > 0.7 and lira["auc"] > 0.7, (loss_attack["auc"], lira["auc"])
     assert 0 <= loss_attack["tpr_at_1pct_fpr"] <= 1
 
 

@@ -9,7 +9,7 @@ from server.certs import make_certificates
 from tests.flower_cluster import BIN, REPO, Cluster
 
 TINY = ("clients=3 train-limit=1200 test-limit=500 T=5 ae-steps=100 chain-steps=60 module-steps=2 "
-        "student-steps=60 ipc=2 no-full=true timeout=45 chunk-size=150")
+        "student='convnet3_w32' student-steps=60 ipc=2 no-full=true timeout=45 chunk-size=150")
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,12 @@ def convnet3(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Mod
     return ConvNet(in_channels, num_classes, 128, 3, image_size)
 
 
+@STUDENTS.register("convnet3_w32")
+def convnet3_w32(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
+    """ConvNet-3 at width 32: a cheap student for CPU tests and shadow models."""
+    return ConvNet(in_channels, num_classes, 32, 3, image_size)
+
+
 @STUDENTS.register("resnet18")
 def resnet18(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
     net = torchvision.models.resnet18(num_classes=num_classes)

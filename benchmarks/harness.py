@@ -1,0 +1,241 @@
+"""`fedcondense bench`: ours vs baselines side by side in one run (issue 6).
+
+Arms per IPC and seed, all evaluated by the same student recipe (ConvNet-3, same steps):
+ours (default T, layout, selection, plus variants), random real subset, DM (benchmarks/dm.py), full
+real. Costs in the same run: condensation wall time and peak RSS for ours vs DM at equal IPC; client
+encode images/s on one core and uplink bytes per image; scaling of our condensation time with the
+number of real latents and with T. Output: JSON + PNG plots; `fedcondense bench-table` renders the
+README table from the JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.dm import distribution_matching
+from client.encode import encode_images
+from server.condense import condense
+from server.pipeline import random_real_like
+from server.pretrain import load_or_train_autoencoder, load_or_train_chain
+from server.student import fit_and_score, one_hot
+from shared.config import AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, StudentConfig
+from shared.data import load_dataset
+from shared.device import device_name, resolve_device
+from shared.sealing import encode_payload, raw_public, seal
+
+
+@dataclass
+class BenchConfig:
+    ipcs: tuple = (1, 10, 50)
+    seeds: tuple = (0, 1, 2)
+    arms: tuple = ("ours", "ours_random", "ours_shared", "random_real", "dm", "full_real")
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    dm_iterations: int = 200
+    full_steps: int = 400
+    scaling_sizes: tuple = (1000, 5000, 20000, 0)     # 0 = all
+    scaling_T: tuple = ()                             # extra T values to train chains for (costly on CPU)
+    device: str = "auto"
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled from /proc every 5 ms (MB)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.mb = self.peak - self.base
+
+
+def make_set(arm, ipc, seed, ctx) -> dict:
+    """Returns images, (soft) labels, condensation seconds and peak MB for one arm."""
+    ds, lat, cfg, dev = ctx["ds"], ctx["latents"], ctx["cfg"], ctx["device"]
+    if arm.startswith("ours"):
+        models, chain_cfg = ctx["models"][arm]
+        ccfg = CondenseConfig(ipc=ipc, seed=seed, selection="random" if arm == "ours_random" else "one-to-one")
+        with PeakRSS() as mem:
+            syn = condense(lat, ds.private.labels, ds.private.ids, ds.num_classes, models, chain_cfg, ccfg, dev)
+        return {"images": syn.images, "labels": syn.labels, "seconds": syn.meta["seconds"], "peak_mb": mem.mb}
+    if arm == "dm":
+        with PeakRSS() as mem:
+            out = distribution_matching(ds.private.images, ds.private.labels, ipc, cfg.dm_iterations, dev, seed=seed)
+        return {"images": out["images"], "labels": one_hot(out["labels"], ds.num_classes), "seconds": out["seconds"],
+                "peak_mb": mem.mb}
+    if arm == "random_real":
+        ref = ctx["reference_counts"][ipc]
+        real = random_real_like(ds.private, ref, seed)
+        return {"images": real.images, "labels": one_hot(real.labels, ds.num_classes), "seconds": 0.0, "peak_mb": 0.0}
+    raise KeyError(arm)
+
+
+def client_costs(e1, ds) -> dict:
+    torch.set_num_threads(1)
+    x = ds.private.images[:4096]
+    start = time.time()
+    z = encode_images(e1.cpu(), x)
+    rate = len(x) / (time.time() - start)
+    torch.set_num_threads(os.cpu_count() or 1)
+    key = __import__("cryptography.hazmat.primitives.asymmetric.x25519", fromlist=["X"]).X25519PrivateKey.generate()
+    env = seal(encode_payload(z[:2048], ds.private.labels[:2048]), raw_public(key.public_key()), "bench", 1, 0, 0, 1)
+    return {"encode_images_per_s_1_core": rate, "uplink_bytes_per_image": len(env["ciphertext"]) / 2048,
+            "raw_bytes_per_image": ds.raw_bytes_per_image}
+
+
+def scaling(ctx) -> dict:
+    ds, lat, dev = ctx["ds"], ctx["latents"], ctx["device"]
+    models, chain_cfg = ctx["models"]["ours"]
+    rows = []
+    for n in ctx["cfg"].scaling_sizes:
+        n = n or len(lat)
+        ccfg = CondenseConfig(ipc=None, max_coverage=True, seed=0)
+        syn = condense(lat[:n], ds.private.labels[:n], ds.private.ids[:n], ds.num_classes, models, chain_cfg, ccfg, dev)
+        rows.append({"real_latents": n, "synthetic_images": len(syn), "seconds": syn.meta["seconds"],
+                     "images_per_s": len(syn) / syn.meta["seconds"]})
+    by_T = []
+    for T, (models_T, cfg_T) in ctx.get("models_by_T", {}).items():
+        syn = condense(lat, ds.private.labels, ds.private.ids, ds.num_classes, models_T, cfg_T, CondenseConfig(ipc=100), dev)
+        by_T.append({"T": T, "synthetic_images": len(syn), "seconds": syn.meta["seconds"]})
+    return {"vs_real_latents": rows, "vs_T": by_T}
+
+
+def prepare(cfg: BenchConfig) -> dict:
+    dev = resolve_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    e1, dec, _ = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, dev)
+    lat = encode_images(e1, ds.private.images, device=dev)
+    models = {}
+    for arm, chain_cfg in (("ours", cfg.chain), ("ours_random", cfg.chain), ("ours_shared", replace(cfg.chain, layout="shared"))):
+        if arm in cfg.arms or arm == "ours":
+            e2, est, _ = load_or_train_chain(lat, chain_cfg, dev)
+            models[arm] = ({"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, chain_cfg)
+    by_T = {}
+    for T in cfg.scaling_T:
+        cT = replace(cfg.chain, T=T)
+        e2, est, _ = load_or_train_chain(lat, cT, dev)
+        by_T[T] = ({"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, cT)
+    return {"ds": ds, "latents": lat, "cfg": cfg, "device": dev, "models": models, "models_by_T": by_T, "e1": e1}
+
+
+def run_bench(cfg: BenchConfig, out_dir: Path) -> Path:
+    ctx = prepare(cfg)
+    ds, dev = ctx["ds"], ctx["device"]
+    results = []
+    for ipc in cfg.ipcs:
+        ctx.setdefault("reference_counts", {})
+        ref = condense(ctx["latents"], ds.private.labels, ds.private.ids, ds.num_classes, *ctx["models"]["ours"],
+                       CondenseConfig(ipc=ipc), dev)
+        ctx["reference_counts"][ipc] = ref
+        for arm in [a for a in cfg.arms if a != "full_real"]:
+            for seed in cfg.seeds:
+                made = make_set(arm, ipc, seed, ctx)
+                score = fit_and_score(made["images"], made["labels"], ds.test, replace(cfg.student, seed=seed), dev,
+                                      desc=f"{arm} ipc{ipc} s{seed}")
+                results.append({"arm": arm, "ipc": ipc, "seed": seed, "accuracy": score["accuracy"],
+                                "condense_seconds": made["seconds"], "condense_peak_mb": made["peak_mb"],
+                                "images": len(made["images"])})
+    if "full_real" in cfg.arms:
+        for seed in cfg.seeds:
+            score = fit_and_score(ds.private.images, one_hot(ds.private.labels, ds.num_classes), ds.test,
+                                  replace(cfg.student, seed=seed), dev, steps=cfg.full_steps, desc=f"full s{seed}")
+            results.append({"arm": "full_real", "ipc": None, "seed": seed, "accuracy": score["accuracy"],
+                            "images": len(ds.private)})
+    doc = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_name(dev), "device": device_name(dev),
+           "config": json.loads(json.dumps(asdict(cfg), default=str)), "results": results,
+           "summary": summarise(results), "client": client_costs(ctx["e1"], ds), "scaling": scaling(ctx)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{doc['machine']}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    plot(doc, path.with_suffix(""))
+    return path
+
+
+def machine_name(dev) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev).replace(" ", "-")
+    return f"cpu{os.cpu_count()}-{platform.machine()}"
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["arm"], r["ipc"]), []).append(r)
+    rows = []
+    for (arm, ipc), rs in groups.items():
+        accs = [r["accuracy"] for r in rs]
+        secs = [r.get("condense_seconds", 0.0) or 0.0 for r in rs]
+        rows.append({"arm": arm, "ipc": ipc, "mean": statistics.mean(accs),
+                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
+                     "condense_seconds": statistics.mean(secs),
+                     "condense_peak_mb": max((r.get("condense_peak_mb") or 0.0) for r in rs)})
+    return rows
+
+
+def plot(doc: dict, stem: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    arms = sorted({r["arm"] for r in doc["summary"] if r["ipc"] is not None})
+    for arm in arms:
+        rows = sorted((r for r in doc["summary"] if r["arm"] == arm), key=lambda r: r["ipc"])
+        axes[0].errorbar([r["ipc"] for r in rows], [r["mean"] for r in rows], [r["std"] for r in rows], marker="o", label=arm)
+        if any(r["condense_seconds"] for r in rows):
+            axes[1].plot([r["ipc"] for r in rows], [r["condense_seconds"] for r in rows], marker="o", label=arm)
+    axes[0].set(xscale="log", xlabel="images per class", ylabel="test accuracy", title="Accuracy")
+    axes[1].set(xscale="log", yscale="log", xlabel="images per class", ylabel="seconds", title="Condensation time")
+    sc = doc["scaling"]["vs_real_latents"]
+    axes[2].plot([r["real_latents"] for r in sc], [r["seconds"] for r in sc], marker="o")
+    axes[2].set(xscale="log", yscale="log", xlabel="real latents (max coverage)", ylabel="seconds", title="Scaling")
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{stem}.png", dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(doc: dict) -> str:
+    lines = [f"Machine: {doc['device']}, {doc['created']}; ConvNet-3 evaluator, {doc['config']['student']['steps']} steps, "
+             f"seeds {doc['config']['seeds']}. Generated by `fedcondense bench-table` from the JSON.", "",
+             "| arm | IPC | accuracy (mean ± std) | condense s | peak MB |", "|---|---|---|---|---|"]
+    for r in sorted(doc["summary"], key=lambda r: (r["ipc"] or 10**9, r["arm"])):
+        lines.append(f"| {r['arm']} | {r['ipc'] if r['ipc'] is not None else 'all'} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} "
+                     f"| {r['condense_seconds']:.1f} | {r['condense_peak_mb']:.0f} |")
+    c = doc["client"]
+    lines += ["", f"Client: {c['encode_images_per_s_1_core']:.0f} images/s on 1 core; uplink "
+                  f"{c['uplink_bytes_per_image']:.0f} B/image vs {c['raw_bytes_per_image']} B raw."]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(doc: dict, readme: Path) -> None:
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start not in text:
+        raise ValueError(f"{readme} has no '{start}' marker")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + "\n" + markdown_table(doc) + end + tail)

@@ -1,0 +1,29 @@
+"""Smoke test of the bench harness at tiny scale (issue 6): JSON, plot, table from the JSON."""
+import json
+
+from server.cli import main
+
+TINY = ["--train-limit", "1000", "--test-limit", "300", "--T", "5", "--ae-steps", "100", "--chain-steps", "60",
+        "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "20", "--device", "cpu"]
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "results"
+    assert main(["bench", "--out", str(out), "--scale", "smoke", *TINY]) == 0
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1 and files[0].with_suffix(".png").stat().st_size > 5000
+    doc = json.loads(files[0].read_text())
+    arms = {r["arm"] for r in doc["summary"]}
+    assert arms == {"ours", "random_real", "dm", "full_real"}
+    for r in doc["summary"]:
+        assert 0 <= r["mean"] <= 1
+    ours = next(r for r in doc["summary"] if r["arm"] == "ours")
+    dm = next(r for r in doc["summary"] if r["arm"] == "dm")
+    assert ours["condense_seconds"] > 0 and dm["condense_seconds"] > 0
+    assert doc["client"]["uplink_bytes_per_image"] < doc["client"]["raw_bytes_per_image"]
+    assert [r["real_latents"] for r in doc["scaling"]["vs_real_latents"]] == [200, 1000]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
+    assert main(["bench-table", str(files[0]), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| dm | 1 |" in text and text.endswith("rest\n")
