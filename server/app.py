@@ -76,7 +76,7 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     from server.cli import build_parser, demo_config
     argv = ["demo", "--out", str(run_config.get("out", "runs/federated"))]
     for key, value in run_config.items():
-        if key in {"out"}:
+        if key == "out" or value in (0, 0.0, ""):      # 0 / "" in pyproject mean "typed default"
             continue
         if isinstance(value, bool):
             argv += [f"--{key}"] if value else []

@@ -12,7 +12,7 @@ from shared.data import load_dataset
 def test_leaky_student_is_flagged_by_both_attacks():
     ds = load_dataset(DataConfig(public_size=500, train_limit=600, test_limit=100))
     members, others = ds.private.subset(range(0, 100)), ds.private.subset(range(100, 200))
-    cfg = StudentConfig(model="convnet3_w32", steps=400, batch_size=100, augment="none", lr=0.05, weight_decay=0.0)
+    cfg = StudentConfig(model="convnet3_w32", steps=300, batch_size=100, augment="none", lr=0.05, weight_decay=0.0)
     onehot = lambda s: F.one_hot(s.labels, 10).float()
     target = train_student(members.images, onehot(members), cfg, torch.device("cpu"))
     x = torch.cat([members.images, others.images])
