@@ -120,7 +120,8 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
                                             num_classes), "query.encode", n, f"collect-{round_}")
                 for n, c in col.next_chunk.items()]
         replied = set()
-        for reply in grid.send_and_receive(msgs, timeout=fed.timeout):
+        wait = fed.timeout + (fed.startup_grace if requests == 0 else 0.0)
+        for reply in grid.send_and_receive(msgs, timeout=wait):
             node = reply.metadata.src_node_id
             replied.add(node)
             if node not in col.next_chunk:
@@ -135,7 +136,7 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
                 log.warning("rejected submission of node %s: %s", node, exc)
                 col.drop(node, f"rejected: {exc.code}")
         for node in [n for n in col.next_chunk if n not in replied]:
-            col.drop(node, f"no reply within {fed.timeout:.0f}s")
+            col.drop(node, f"no reply within {wait:.0f}s")
         requests += 1
         status = {"requests": requests, "pending": {str(n): c for n, c in col.next_chunk.items()},
                   "committed": sorted(pool.committed_nodes()), "dropped": {str(n): r for n, r in col.dropped.items()}}

@@ -87,6 +87,7 @@ class FederationConfig:
     partition_seed: int = 0
     chunk_size: int = 2048                  # latents per sealed message (~1 MB in fp16)
     timeout: float = 300.0                  # seconds to wait for one round of replies
+    startup_grace: float = 60.0             # extra seconds for the first round (client process cold start)
     connect_timeout: float = 120.0          # seconds to wait for the expected nodes to connect
     clip_norm: float = 0.0                  # client-side Gaussian mechanism (issue 4); 0 = off
     noise_multiplier: float = 0.0
