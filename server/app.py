@@ -16,24 +16,17 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.federation import collect
 from server.ledger import build_ledger, write_ledger
-from server.pipeline import condense_and_evaluate
+from server.pipeline import condense_and_evaluate, prepare_server
 from server.pool import LatentPool
-from server.pretrain import load_or_train_autoencoder
 from shared.accounting import default_delta, noise_for_epsilon
 from shared.config import DemoConfig, FederationConfig
-from shared.data import ImageSplit, load_dataset
-from shared.device import resolve_device, seed_everything
+from shared.data import ImageSplit
 
 log = logging.getLogger("fedcondense.server")
 
 
 def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.data.seed)
-    ds = load_dataset(cfg.data)
-    e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, device)
+    out, device, ds, e1, dec, ae = prepare_server(cfg, out)
     cfg, delta = calibrate_privacy(cfg, e1, ds)
     pool = LatentPool(out / "pool")
     fed = collect(grid, e1.cpu(), cfg.data, cfg.federation, pool, ds.num_classes)
@@ -55,8 +48,6 @@ def calibrate_privacy(cfg: DemoConfig, e1, ds) -> tuple[DemoConfig, float | None
     fed = cfg.federation
     if fed is None or not fed.target_epsilon:
         return cfg, None
-    import torch
-
     from client.encode import encode_images
     delta = fed.delta or default_delta(len(ds.private))
     clip = fed.clip_norm or float(encode_images(e1, ds.public.images[:2000]).flatten(1).norm(dim=1).median())

@@ -18,8 +18,8 @@ from server import attacks
 from server.condense import SyntheticSet, condense, save_grid
 from server.student import train_student
 from shared.accounting import default_delta, noise_for_epsilon
-from shared.config import (AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, StudentConfig)
-from shared.data import ImageSplit, load_dataset
+from shared.config import ChainConfig, CondenseConfig, DataConfig, StudentConfig
+from shared.data import load_dataset
 from shared.models.first_encoder import Decoder, FirstEncoder
 from shared.models.noise_estimators import NoiseEstimators
 from shared.models.second_encoder import SecondEncoder

@@ -90,14 +90,20 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
     return report
 
 
-def run_demo(cfg: DemoConfig, out: Path) -> dict:
-    """Single-machine pipeline (no federation): the server encodes the private split itself."""
+def prepare_server(cfg: DemoConfig, out: Path):
+    """What every run starts with: output dir, device, seeds, data, and E1/D from the public split."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     seed_everything(cfg.data.seed)
     ds = load_dataset(cfg.data)
     e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, device)
+    return out, device, ds, e1, dec, ae
+
+
+def run_demo(cfg: DemoConfig, out: Path) -> dict:
+    """Single-machine pipeline (no federation): the server encodes the private split itself."""
+    out, device, ds, e1, dec, ae = prepare_server(cfg, out)
     latents, encode_s = encode_local(ds, e1, device)
     info = {"mode": "single-machine", "pretrain": ae["seconds"], "encode": encode_s,
             "checkpoints": {"autoencoder": ae["path"]}}

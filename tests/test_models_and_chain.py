@@ -1,6 +1,4 @@
 """Model shapes for both layouts, chain determinism, save/load (SPEC §1 claims 1-2)."""
-from dataclasses import replace
-
 import pytest
 import torch
 
