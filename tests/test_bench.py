@@ -4,7 +4,7 @@ import json
 from server.cli import main
 
 # Same data and chain settings as tests/test_demo_e2e.py: the chain comes from the session cache.
-TINY = ["--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "100", "--chain-steps", "60",
+TINY = ["--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "60", "--chain-steps", "40",
         "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "20", "--device", "cpu"]
 
 

@@ -10,7 +10,7 @@ import torch
 from server.cli import main
 from server.condense import SyntheticSet
 
-TINY = ["--local", "--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "100", "--chain-steps", "60",
+TINY = ["--local", "--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "60", "--chain-steps", "40",
         "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "100", "--full-epochs", "0.5",
         "--device", "cpu"]
 
