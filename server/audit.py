@@ -16,13 +16,12 @@ import torch
 from client.privacy import gaussian_mechanism
 from server import attacks
 from server.condense import SyntheticSet, condense, save_grid
+from server.pretrain import load_chain
 from server.student import train_student
 from shared.accounting import default_delta, noise_for_epsilon
 from shared.config import ChainConfig, CondenseConfig, DataConfig, StudentConfig
 from shared.data import load_dataset
 from shared.models.first_encoder import Decoder, FirstEncoder
-from shared.models.noise_estimators import NoiseEstimators
-from shared.models.second_encoder import SecondEncoder
 from shared.partition import partition
 
 
@@ -88,13 +87,10 @@ def membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
 
 
 def load_run_models(ctx: AuditContext) -> dict:
-    chain = Path(ctx.report["checkpoints"]["chain"])
-    meta = json.loads((chain / "meta.json").read_text())
-    e2_dir = Path(meta.get("second_encoder", chain)) / "second_encoder"
+    e2, est = load_chain(Path(ctx.report["checkpoints"]["chain"]), ctx.device)
     ae = Path(ctx.report["checkpoints"]["autoencoder"])
     return {"first_encoder": ctx.e1, "decoder": Decoder.from_pretrained(ae / "decoder", low_cpu_mem_usage=False).to(ctx.device).eval(),
-            "second_encoder": SecondEncoder.from_pretrained(e2_dir, low_cpu_mem_usage=False).to(ctx.device).eval(),
-            "noise_estimators": NoiseEstimators.from_pretrained(chain / "noise_estimators", low_cpu_mem_usage=False).to(ctx.device).eval()}
+            "second_encoder": e2, "noise_estimators": est}
 
 
 def shadow_scores(ctx: AuditContext, candidate_idx, x, y, shadows: int) -> np.ndarray:

@@ -150,13 +150,21 @@ def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.d
     if not shared_path.exists():
         e2, est = train_shared(latents, shared_cfg, device)
         _save(shared_path, {"second_encoder": e2, "noise_estimators": est}, {"config": to_jsonable(shared_cfg)})
-    e2 = SecondEncoder.from_pretrained(shared_path / "second_encoder", low_cpu_mem_usage=False).to(device).eval()
-    est = NoiseEstimators.from_pretrained(shared_path / "noise_estimators", low_cpu_mem_usage=False).to(device).eval()
     path = shared_path
     if cfg.layout == "separate":
         path = cache_dir("chain", cfg, key)
         if not path.exists():
+            e2, est = load_chain(shared_path, device)
             sep = finetune_separate(latents, cfg, e2, est, device)
             _save(path, {"noise_estimators": sep}, {"config": to_jsonable(cfg), "second_encoder": str(shared_path)})
-        est = NoiseEstimators.from_pretrained(path / "noise_estimators", low_cpu_mem_usage=False).to(device).eval()
+    e2, est = load_chain(path, device)
     return e2, est, {"path": str(path), "seconds": time.time() - start}
+
+
+def load_chain(path: Path, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators]:
+    """Load a chain checkpoint; a separate-layout one names the shared checkpoint holding its E2."""
+    meta = json.loads((path / "meta.json").read_text())
+    e2_root = Path(meta.get("second_encoder", path))
+    e2 = SecondEncoder.from_pretrained(e2_root / "second_encoder", low_cpu_mem_usage=False).to(device).eval()
+    est = NoiseEstimators.from_pretrained(path / "noise_estimators", low_cpu_mem_usage=False).to(device).eval()
+    return e2, est
