@@ -25,9 +25,10 @@ from client.encode import encode_images
 from server.condense import condense
 from server.pipeline import random_real_like
 from server.pretrain import load_or_train_autoencoder, load_or_train_chain
-from server.student import fit_and_score, one_hot
+from server.student import evaluate, fit_and_score, one_hot
+from server.teacher import load_or_train_teacher, needs_teacher
 from shared.config import AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, StudentConfig
-from shared.data import load_dataset
+from shared.data import ImageSplit, load_dataset
 from shared.device import device_name, resolve_device
 from shared.sealing import encode_payload, raw_public, seal
 
@@ -36,7 +37,7 @@ from shared.sealing import encode_payload, raw_public, seal
 class BenchConfig:
     ipcs: tuple = (1, 10, 50)
     seeds: tuple = (0, 1, 2)
-    arms: tuple = ("ours", "ours_random", "ours_shared", "random_real", "dm", "full_real")
+    arms: tuple = ("ours", "ours_random", "ours_cluster", "ours_shared", "random_real", "dm", "full_real")
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
@@ -72,14 +73,17 @@ class PeakRSS:
         self.mb = self.peak - self.base
 
 
+OURS_SELECTION = {"ours_random": "random", "ours_cluster": "cluster"}   # 'ours' / 'ours_shared': the default rule
+
+
 def make_set(arm, ipc, seed, ctx) -> dict:
     """Returns images, (soft) labels, condensation seconds and peak MB for one arm."""
-    ds, lat, cfg, dev = ctx["ds"], ctx["latents"], ctx["cfg"], ctx["device"]
+    ds, pool, cfg, dev = ctx["ds"], ctx["pool"], ctx["cfg"], ctx["device"]
     if arm.startswith("ours"):
         models, chain_cfg = ctx["models"][arm]
-        ccfg = CondenseConfig(ipc=ipc, seed=seed, selection="random" if arm == "ours_random" else "one-to-one")
+        ccfg = replace(CondenseConfig(), ipc=ipc, seed=seed, selection=OURS_SELECTION.get(arm, CondenseConfig.selection))
         with PeakRSS() as mem:
-            syn = condense(lat, ds.private.labels, ds.private.ids, ds.num_classes, models, chain_cfg, ccfg, dev)
+            syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, chain_cfg, ccfg, dev)
         return {"images": syn.images, "labels": syn.labels, "seconds": syn.meta["seconds"], "peak_mb": mem.mb}
     if arm == "dm":
         with PeakRSS() as mem:
@@ -107,18 +111,19 @@ def client_costs(e1, ds) -> dict:
 
 
 def scaling(ctx) -> dict:
-    ds, lat, dev = ctx["ds"], ctx["latents"], ctx["device"]
+    ds, pool, dev = ctx["ds"], ctx["pool"], ctx["device"]
     models, chain_cfg = ctx["models"]["ours"]
     rows = []
     for n in ctx["cfg"].scaling_sizes:
-        n = n or len(lat)
+        n = n or len(pool)
         ccfg = CondenseConfig(ipc=None, max_coverage=True, seed=0)
-        syn = condense(lat[:n], ds.private.labels[:n], ds.private.ids[:n], ds.num_classes, models, chain_cfg, ccfg, dev)
+        part = pool.subset(torch.arange(n))
+        syn = condense(part.images, part.labels, part.ids, ds.num_classes, models, chain_cfg, ccfg, dev)
         rows.append({"real_latents": n, "synthetic_images": len(syn), "seconds": syn.meta["seconds"],
                      "images_per_s": len(syn) / syn.meta["seconds"]})
     by_T = []
     for T, (models_T, cfg_T) in ctx.get("models_by_T", {}).items():
-        syn = condense(lat, ds.private.labels, ds.private.ids, ds.num_classes, models_T, cfg_T, CondenseConfig(ipc=100), dev)
+        syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models_T, cfg_T, CondenseConfig(ipc=100), dev)
         by_T.append({"T": T, "synthetic_images": len(syn), "seconds": syn.meta["seconds"]})
     return {"vs_real_latents": rows, "vs_T": by_T}
 
@@ -127,9 +132,11 @@ def prepare(cfg: BenchConfig) -> dict:
     dev = resolve_device(cfg.device)
     ds = load_dataset(cfg.data)
     e1, dec, _ = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, dev)
-    lat = encode_images(e1, ds.private.images, device=dev)
+    pool = ImageSplit(encode_images(e1, ds.private.images, device=dev), ds.private.labels, ds.private.ids)
+    lat = pool.images                           # what the server holds (single-machine order, as `demo --local`)
     models = {}
-    for arm, chain_cfg in (("ours", cfg.chain), ("ours_random", cfg.chain), ("ours_shared", replace(cfg.chain, layout="shared"))):
+    for arm, chain_cfg in (("ours", cfg.chain), ("ours_random", cfg.chain), ("ours_cluster", cfg.chain),
+                           ("ours_shared", replace(cfg.chain, layout="shared"))):
         if arm in cfg.arms or arm == "ours":
             e2, est, _ = load_or_train_chain(lat, chain_cfg, dev)
             models[arm] = ({"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, chain_cfg)
@@ -138,35 +145,49 @@ def prepare(cfg: BenchConfig) -> dict:
         cT = replace(cfg.chain, T=T)
         e2, est, _ = load_or_train_chain(lat, cT, dev)
         by_T[T] = ({"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, cT)
-    return {"ds": ds, "latents": lat, "cfg": cfg, "device": dev, "models": models, "models_by_T": by_T, "e1": e1}
+    teacher, teacher_info = None, None
+    if needs_teacher(cfg.student.loss):       # the same student recipe for every arm, teacher included
+        teacher, teacher_info = load_or_train_teacher(models["ours"][0], lat, pool.labels, ds.num_classes, dev,
+                                                      cfg.student.teacher_steps)
+        teacher_info["accuracy"] = evaluate(teacher, ds.test.images, ds.test.labels, dev)
+    return {"ds": ds, "pool": pool, "cfg": cfg, "device": dev, "models": models, "models_by_T": by_T, "e1": e1,
+            "teacher": teacher, "teacher_info": teacher_info}
+
+
+ARMS = ("ours", "ours_random", "ours_cluster", "ours_shared", "random_real", "dm", "full_real")
 
 
 def run_bench(cfg: BenchConfig, out_dir: Path) -> Path:
+    unknown = set(cfg.arms) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown bench arm(s) {sorted(unknown)}; choose from {', '.join(ARMS)}")
     ctx = prepare(cfg)
     ds, dev = ctx["ds"], ctx["device"]
     results = []
     for ipc in cfg.ipcs:
         ctx.setdefault("reference_counts", {})
-        ref = condense(ctx["latents"], ds.private.labels, ds.private.ids, ds.num_classes, *ctx["models"]["ours"],
+        ref = condense(ctx["pool"].images, ctx["pool"].labels, ctx["pool"].ids, ds.num_classes, *ctx["models"]["ours"],
                        CondenseConfig(ipc=ipc), dev)
         ctx["reference_counts"][ipc] = ref
         for arm in [a for a in cfg.arms if a != "full_real"]:
             for seed in cfg.seeds:
                 made = make_set(arm, ipc, seed, ctx)
                 score = fit_and_score(made["images"], made["labels"], ds.test, replace(cfg.student, seed=seed), dev,
-                                      desc=f"{arm} ipc{ipc} s{seed}")
+                                      loss=cfg.student.loss, desc=f"{arm} ipc{ipc} s{seed}", teacher=ctx["teacher"])
                 results.append({"arm": arm, "ipc": ipc, "seed": seed, "accuracy": score["accuracy"],
                                 "condense_seconds": made["seconds"], "condense_peak_mb": made["peak_mb"],
                                 "images": len(made["images"])})
     if "full_real" in cfg.arms:
         for seed in cfg.seeds:
             score = fit_and_score(ds.private.images, one_hot(ds.private.labels, ds.num_classes), ds.test,
-                                  replace(cfg.student, seed=seed), dev, steps=cfg.full_steps, desc=f"full s{seed}")
+                                  replace(cfg.student, seed=seed), dev, steps=cfg.full_steps, loss=cfg.student.loss,
+                                  desc=f"full s{seed}", teacher=ctx["teacher"])
             results.append({"arm": "full_real", "ipc": None, "seed": seed, "accuracy": score["accuracy"],
                             "images": len(ds.private)})
     doc = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_name(dev), "device": device_name(dev),
            "config": json.loads(json.dumps(asdict(cfg), default=str)), "results": results,
-           "summary": summarise(results), "client": client_costs(ctx["e1"], ds), "scaling": scaling(ctx)}
+           "summary": summarise(results), "client": client_costs(ctx["e1"], ds), "scaling": scaling(ctx),
+           "teacher": ctx["teacher_info"], "student_loss": cfg.student.loss}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{time.strftime('%Y-%m-%d')}-{doc['machine']}.json"
     path.write_text(json.dumps(doc, indent=2))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.federation import collect
 from server.ledger import build_ledger, write_ledger
-from server.pipeline import condense_and_evaluate, prepare_server
+from server.pipeline import canonical_pool, condense_and_evaluate, prepare_server
 from server.pool import LatentPool
 from shared.accounting import default_delta, noise_for_epsilon
 from shared.config import DemoConfig, FederationConfig
@@ -31,15 +32,15 @@ def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
     pool = LatentPool(out / "pool")
     fed = collect(grid, e1.cpu(), cfg.data, cfg.federation, pool, ds.num_classes)
     e1.to(device)
-    latents, labels, ids = pool.load()
-    fed["uplink_bytes_per_image"] = fed["bytes_received"] / max(len(labels), 1)
+    arrived = canonical_pool(ImageSplit(*pool.load()))
+    fed["uplink_bytes_per_image"] = fed["bytes_received"] / max(len(arrived), 1)
     fed["raw_bytes_per_image"] = ds.raw_bytes_per_image
-    ledger = build_ledger(cfg, fed, list(latents.shape[1:]), delta)
+    ledger = build_ledger(cfg, fed, list(arrived.images.shape[1:]), delta)
     write_ledger(out, ledger)
     info = {"mode": "federated", "pretrain": ae["seconds"], "federation": fed, "privacy": ledger["summary"],
             "checkpoints": {"autoencoder": ae["path"]}}
     fed["id_scheme"] = "rank * 10**7 + position; rank = line of pool/provenance.jsonl"
-    return condense_and_evaluate(ds, cfg, e1, dec, ImageSplit(latents, labels, ids), info, out, device)
+    return condense_and_evaluate(ds, cfg, e1, dec, arrived, info, out, device)
 
 
 def calibrate_privacy(cfg: DemoConfig, e1, ds) -> tuple[DemoConfig, float | None]:
@@ -60,7 +61,8 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     """Map `[tool.flwr.app.config]` keys onto the typed config (unknown keys are an error)."""
     known = {"out", "clients", "alpha", "iid", "ipc", "T", "layout", "device", "train-limit", "test-limit",
              "ae-steps", "chain-steps", "module-steps", "student-steps", "full-epochs", "timeout",
-             "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student"}
+             "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student", "student-loss",
+             "teacher-steps"}
     unknown = set(run_config) - known
     if unknown:
         raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")
@@ -97,6 +99,17 @@ def make_server_app(cfg: DemoConfig, out: Path) -> ServerApp:
     return sim_app
 
 
+def clear_earlier_simulation(out: Path) -> None:
+    """Simulated SuperNodes get new node ids every run, so a pool left in `out` by an earlier run can
+    never be resumed, only merged (doubling the data): remove it. Deployments keep their pool, so
+    a restarted ServerApp resumes with the nodes already committed."""
+    stale = LatentPool(out / "pool")
+    if stale.committed_nodes():
+        log.warning("new simulated federation: removing the pool of an earlier run in %s", stale.root)
+    shutil.rmtree(stale.root)
+    (out / "collect_status.json").unlink(missing_ok=True)
+
+
 def run_simulation_demo(cfg: DemoConfig, out: Path) -> dict:
     """Flower simulation engine, one SuperNode per client, each with one CPU."""
     import json
@@ -111,6 +124,7 @@ def run_simulation_demo(cfg: DemoConfig, out: Path) -> dict:
     cfg = replace(cfg, federation=fed)
     out = Path(out)
     (out / "report.json").unlink(missing_ok=True)
+    clear_earlier_simulation(out)
     start = time.time()
     run_simulation(server_app=make_server_app(cfg, out), client_app=client_app, num_supernodes=fed.clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -25,7 +25,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_condense(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--selection", choices=["random", "one-to-one"], default=None)
+    p.add_argument("--selection", choices=["random", "one-to-one", "cluster"], default=None)
     p.add_argument("--class-plan", choices=["pure", "mixed"], default=None)
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
     p.add_argument("--noise-init", choices=["random", "preset"], default=None)
@@ -37,6 +37,12 @@ def _add_student(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", default=None, help="convnet3 | resnet18 | mobilenet_v2 | shufflenet_v2")
     p.add_argument("--student-steps", type=int, default=None)
     p.add_argument("--full-epochs", type=float, default=None)
+
+
+def _add_teacher(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student-loss", default=None,
+                   help="every student arm's loss (default soft_ce:1,kd:1); any term but soft_ce uses the server's teacher")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps on the pooled latents")
 
 
 def _add_federation(p: argparse.ArgumentParser) -> None:
@@ -64,7 +70,8 @@ def demo_config(args):
     if getattr(args, "max_coverage", False):
         cond = replace(cond, max_coverage=True, ipc=None)
     student = override(StudentConfig(), model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),
-                       full_epochs=getattr(args, "full_epochs", None), seed=args.seed)
+                       full_epochs=getattr(args, "full_epochs", None), seed=args.seed,
+                       loss=getattr(args, "student_loss", None), teacher_steps=getattr(args, "teacher_steps", None))
     ipcs = tuple(getattr(args, "ipc", None) or cfg.ipcs)
     baselines = tuple(b for b in cfg.baselines if not (b == "full_real" and getattr(args, "no_full", False)))
     fed = None
@@ -114,8 +121,8 @@ def cmd_condense(args) -> int:
         cfg = replace(cfg, condense=replace(cfg.condense, ipc=args.ipc[0] if args.ipc else cfg.condense.ipc))
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.data)
-    models, latents, _ = build_models(ds, cfg, device)
-    syn = condense(latents, ds.private.labels, ds.private.ids, ds.num_classes, models, cfg.chain, cfg.condense, device)
+    models, pool, _ = build_models(ds, cfg, device)
+    syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, cfg.condense, device)
     syn.save(Path(args.out), ds.class_names)
     print(f"{len(syn)} synthetic images from {syn.meta['real_latents_used']} real latents in "
           f"{syn.meta['seconds']:.1f}s ({len(syn) / syn.meta['seconds']:.1f} images/s) -> {args.out}")
@@ -137,7 +144,8 @@ def cmd_student(args) -> int:
 
 def cmd_distill(args) -> int:
     from server.condense import SyntheticSet
-    from server.distill import load_or_train_teacher, markdown_table, run_distill, write_outputs
+    from server.distill import markdown_table, run_distill, write_outputs
+    from server.teacher import load_or_train_teacher
     from server.pipeline import build_models
     from server.student import evaluate
     from shared.data import load_dataset
@@ -146,8 +154,9 @@ def cmd_distill(args) -> int:
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.data)
     syn = SyntheticSet.load(Path(args.synthetic))
-    models, latents, _ = build_models(ds, cfg, device)
-    teacher, info = load_or_train_teacher(models, latents, ds.private.labels, ds.num_classes, device, args.teacher_steps)
+    models, pool, _ = build_models(ds, cfg, device)
+    teacher, info = load_or_train_teacher(models, pool.images, pool.labels, ds.num_classes, device,
+                                          cfg.student.teacher_steps)
     result = run_distill(syn, teacher, ds.test, cfg, args.loss, args.seeds, device)
     result["teacher"] = {"accuracy": evaluate(teacher, ds.test.images, ds.test.labels, device), **info}
     write_outputs(result, Path(args.out))
@@ -182,8 +191,8 @@ def _benchmarks():
 SCALES = {  # bench presets: smoke (tests), demo (a CPU in ~1 h), full (issue 6's grid)
     "smoke": dict(ipcs=(1,), seeds=(0,), arms=("ours", "random_real", "dm", "full_real"), dm_iterations=3,
                   full_steps=10, scaling_sizes=(200, 0)),
-    "demo": dict(ipcs=(1, 10, 50), seeds=(0,), arms=("ours", "ours_random", "random_real", "dm", "full_real"),
-                 dm_iterations=200, full_steps=400),
+    "demo": dict(ipcs=(1, 10, 50), seeds=(0,), arms=("ours", "random_real", "dm", "full_real"),
+                 dm_iterations=200, full_steps=100, scaling_sizes=(1000, 5000, 20000)),
     "full": dict(),
 }
 
@@ -196,6 +205,10 @@ def cmd_bench(args) -> int:
         preset["ipcs"] = tuple(args.ipc)
     if args.seeds:
         preset["seeds"] = tuple(args.seeds)
+    if args.arms:
+        preset["arms"] = tuple(args.arms)
+    if args.dm_iterations:
+        preset["dm_iterations"] = args.dm_iterations
     cfg = harness.BenchConfig(data=base.data, autoencoder=base.autoencoder, chain=base.chain, student=base.student,
                               device=base.device, **preset)
     path = harness.run_bench(cfg, Path(args.out))
@@ -228,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--ipc", type=int, nargs="+", default=None, help="images per class, e.g. --ipc 1 10 50")
     p.add_argument("--no-full", action="store_true", help="skip the full-real upper bound")
-    for add in (_add_common, _add_condense, _add_student, _add_federation):
+    for add in (_add_common, _add_condense, _add_student, _add_teacher, _add_federation):
         add(p)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("pretrain", help="train (or load cached) models")
@@ -251,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", required=True, help="directory written by `condense` or `demo` (e.g. runs/demo/ipc10)")
     p.add_argument("--loss", nargs="+", default=["soft_ce"], help="loss specs, e.g. soft_ce kd dkd soft_ce:1,kd:1")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--teacher-steps", type=int, default=800)
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default: StudentConfig)")
     p.add_argument("--out", default="runs/distill")
     _add_common(p)
     _add_student(p)
@@ -269,8 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=sorted(SCALES), default="demo")
     p.add_argument("--ipc", type=int, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--arms", nargs="+", default=None,
+                   help="subset of: ours ours_random ours_cluster ours_shared random_real dm full_real")
+    p.add_argument("--dm-iterations", type=int, default=None, help="DM optimisation steps (default: the scale's)")
     _add_common(p)
     _add_student(p)
+    _add_teacher(p)
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("bench-table", help="render the README results table from a bench JSON")
     p.add_argument("results")

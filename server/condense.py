@@ -107,7 +107,7 @@ def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num
     """Plan, select, run the chain batch by batch, label. Deterministic for `cfg.seed`."""
     start = time.time()
     T = chain_cfg.T
-    selected = plan_and_select(labels.numpy(), cfg, T, cfg.seed)
+    selected = plan_and_select(labels.numpy(), cfg, T, cfg.seed, latents=latents.float().numpy())
     y = torch.from_numpy(soft_labels(labels.numpy(), selected, num_classes))
     generator = torch.Generator().manual_seed(cfg.seed)
     images, finals = [], []

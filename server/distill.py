@@ -11,27 +11,9 @@ from pathlib import Path
 import torch
 
 from server.condense import SyntheticSet
-from server.pretrain import fingerprint
 from server.student import fit_and_score
-from server.teacher import Teacher, train_teacher
-from shared.cache import cache_dir
+from server.teacher import Teacher, needs_teacher
 from shared.config import DemoConfig
-
-
-def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                          device: torch.device, steps: int = 800) -> tuple[Teacher, dict]:
-    path = cache_dir("teacher", fingerprint(latents), fingerprint(labels.float()), steps,
-                     fingerprint(torch.cat([p.flatten() for p in models["second_encoder"].parameters()])))
-    teacher = Teacher(models["first_encoder"], models["second_encoder"], num_classes).to(device)
-    if (path / "teacher.pt").exists():
-        teacher.load_state_dict(torch.load(path / "teacher.pt", map_location=device))
-        return teacher.eval(), {"seconds": 0.0, "cached": str(path)}
-    teacher, info = train_teacher(models["first_encoder"], models["second_encoder"], latents, labels, num_classes,
-                                  device, steps=steps)
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(teacher.state_dict(), path / "teacher.pt.tmp")
-    (path / "teacher.pt.tmp").rename(path / "teacher.pt")
-    return teacher, info
 
 
 def run_distill(synthetic: SyntheticSet, teacher: Teacher, test, cfg: DemoConfig, losses: list[str],
@@ -41,13 +23,17 @@ def run_distill(synthetic: SyntheticSet, teacher: Teacher, test, cfg: DemoConfig
         runs = []
         for seed in seeds:
             student_cfg = replace(cfg.student, seed=seed)
-            uses_teacher = spec != "soft_ce"
-            runs.append(fit_and_score(synthetic.images, synthetic.labels, test, student_cfg, device, loss=spec,
-                                      desc=f"{spec} s{seed}", teacher=teacher if uses_teacher else None))
-        accs = [r["accuracy"] for r in runs]
-        rows.append({"loss": spec, "accuracies": accs, "mean": statistics.mean(accs),
+            uses_teacher = needs_teacher(spec)
+            try:
+                runs.append(fit_and_score(synthetic.images, synthetic.labels, test, student_cfg, device, loss=spec,
+                                          desc=f"{spec} s{seed}", teacher=teacher if uses_teacher else None))
+            except FloatingPointError as exc:          # a diverged run is a result, reported as such
+                runs.append({"accuracy": None, "seconds": 0.0, "diverged": str(exc)})
+        accs = [r["accuracy"] for r in runs if r["accuracy"] is not None]
+        rows.append({"loss": spec, "accuracies": [r["accuracy"] for r in runs],
+                     "mean": statistics.mean(accs) if accs else None,
                      "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "seconds": sum(r["seconds"] for r in runs)})
+                     "diverged": sum("diverged" in r for r in runs), "seconds": sum(r["seconds"] for r in runs)})
     return {"rows": rows, "seeds": seeds, "student": cfg.student.model, "steps": cfg.student.steps,
             "synthetic_images": len(synthetic), "T": synthetic.meta.get("T"), "created": time.strftime("%Y-%m-%d %H:%M")}
 
@@ -58,8 +44,12 @@ def markdown_table(result: dict) -> str:
              f"images (T={result['T']}); test accuracy over seeds {result['seeds']}; teacher: {result.get('teacher')}.",
              "", "| loss | mean | std | vs soft_ce |", "|---|---|---|---|"]
     for r in result["rows"]:
+        if r["mean"] is None:
+            lines.append(f"| `{r['loss']}` | diverged in every seed | | |")
+            continue
         delta = "" if base is None or r["loss"] == "soft_ce" else f"{100 * (r['mean'] - base):+.2f} pt"
-        lines.append(f"| `{r['loss']}` | {100 * r['mean']:.2f} % | {100 * r['std']:.2f} | {delta} |")
+        note = f" (diverged in {r['diverged']} of {len(r['accuracies'])} seeds)" if r.get("diverged") else ""
+        lines.append(f"| `{r['loss']}`{note} | {100 * r['mean']:.2f} % | {100 * r['std']:.2f} | {delta} |")
     return "\n".join(lines) + "\n"
 
 

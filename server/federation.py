@@ -14,7 +14,7 @@ import uuid
 from dataclasses import asdict
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from server.pool import LatentPool
 from shared.config import DataConfig, FederationConfig
@@ -116,8 +116,8 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
     col.next_chunk = {n: 0 for n in nodes if n not in done_before}
     start, requests = time.time(), 0
     while col.next_chunk:
-        msgs = [grid.create_message(request(e1, data_cfg, fed, run_id, raw_public(key.public_key()), n, round_, c,
-                                            num_classes), "query.encode", n, f"collect-{round_}")
+        msgs = [Message(request(e1, data_cfg, fed, run_id, raw_public(key.public_key()), n, round_, c, num_classes),
+                        dst_node_id=n, message_type="query.encode", group_id=f"collect-{round_}")
                 for n, c in col.next_chunk.items()]
         replied = set()
         wait = fed.timeout + (fed.startup_grace if requests == 0 else 0.0)

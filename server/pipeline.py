@@ -10,12 +10,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from client.encode import encode_images
 from server.condense import SyntheticSet, condense
 from server.pretrain import load_or_train_autoencoder, load_or_train_chain
-from server.student import fit_and_score, one_hot
+from server.student import evaluate, fit_and_score, one_hot
+from server.teacher import load_or_train_teacher, needs_teacher
 from shared.cache import to_jsonable
 from shared.config import DemoConfig
 from shared.data import Dataset, ImageSplit, load_dataset
@@ -33,15 +35,17 @@ def random_real_like(private: ImageSplit, synthetic: SyntheticSet, seed: int) ->
     return private.subset(torch.cat(picks))
 
 
-def build_models(ds: Dataset, cfg: DemoConfig, device: torch.device) -> tuple[dict, torch.Tensor, dict]:
-    """Single machine: pretrain/load every model and encode the private split (used by `condense`)."""
+def build_models(ds: Dataset, cfg: DemoConfig, device: torch.device) -> tuple[dict, ImageSplit, dict]:
+    """Single machine: pretrain/load every model and encode the private split into the pool that
+    `demo --local` condenses (used by `condense`, `distill`, `pretrain chain`)."""
     e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, device)
     latents, encode_s = encode_local(ds, e1, device)
-    e2, est, chain = load_or_train_chain(latents, cfg.chain, device)
+    pool = ImageSplit(latents, ds.private.labels, ds.private.ids)
+    e2, est, chain = load_or_train_chain(pool.images, cfg.chain, device)
     models = {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
     info = {"pretrain": ae["seconds"] + chain["seconds"], "encode": encode_s,
             "checkpoints": {"autoencoder": ae["path"], "chain": chain["path"]}}
-    return models, latents, info
+    return models, pool, info
 
 
 def encode_local(ds: Dataset, e1, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -51,25 +55,52 @@ def encode_local(ds: Dataset, e1, device: torch.device) -> tuple[torch.Tensor, f
 
 
 def run_ipc(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, ipc: int, out: Path,
-            device: torch.device) -> dict:
-    """`pool`: the real latents (as `images`) with labels and ids that the server condenses."""
+            device: torch.device, teacher=None) -> dict:
+    """`pool`: the real latents (as `images`) with labels and ids that the server condenses.
+    Every student arm trains with the same recipe: `cfg.student.loss`, with `teacher` when it has one."""
     ccfg = replace(cfg.condense, ipc=ipc)
     syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, ccfg, device)
     syn.save(out / f"ipc{ipc}", ds.class_names)
     result = {"ipc": ipc, "synthetic_images": len(syn), "real_images_used": syn.meta["real_latents_used"],
               "seconds_condense": syn.meta["seconds"],
-              "synthetic": fit_and_score(syn.images, syn.labels, ds.test, cfg.student, device, desc=f"student ipc{ipc}")}
+              "synthetic": fit_and_score(syn.images, syn.labels, ds.test, cfg.student, device, loss=cfg.student.loss,
+                                         desc=f"student ipc{ipc}", teacher=teacher)}
     if "random_real" in cfg.baselines:
         real = random_real_like(ds.private, syn, cfg.student.seed)
         result["random_real"] = fit_and_score(real.images, one_hot(real.labels, ds.num_classes), ds.test,
-                                              cfg.student, device, desc=f"random real ipc{ipc}")
+                                              cfg.student, device, loss=cfg.student.loss,
+                                              desc=f"random real ipc{ipc}", teacher=teacher)
     return result
 
 
-def run_full_real(ds: Dataset, cfg: DemoConfig, device: torch.device) -> dict:
+def run_full_real(ds: Dataset, cfg: DemoConfig, device: torch.device, teacher=None) -> dict:
     steps = max(1, int(cfg.student.full_epochs * len(ds.private) / cfg.student.batch_size))
     return fit_and_score(ds.private.images, one_hot(ds.private.labels, ds.num_classes), ds.test, cfg.student,
-                         device, steps=steps, desc="full real")
+                         device, steps=steps, loss=cfg.student.loss, desc="full real", teacher=teacher)
+
+
+def server_teacher(models: dict, pool: ImageSplit, ds: Dataset, cfg: DemoConfig, device: torch.device):
+    """The teacher for knowledge distillation (SPEC §2), trained on the pooled latents the server holds;
+    None when the student loss does not use one."""
+    if not needs_teacher(cfg.student.loss):
+        return None, None
+    teacher, info = load_or_train_teacher(models, pool.images, pool.labels, ds.num_classes, device,
+                                          cfg.student.teacher_steps)
+    return teacher, {**info, "accuracy": evaluate(teacher, ds.test.images, ds.test.labels, device)}
+
+
+def canonical_pool(pool: ImageSplit) -> ImageSplit:
+    """The federated pool in a content-defined order: by label, then latent values (fp16 bits).
+
+    Clients reply in any order, so the pool's row order may change from run to run; training on a
+    canonical order makes the chain, the teacher and the synthetic set independent of arrival order,
+    so a repeated or resumed run hits the checkpoint cache. Ids move with their rows (provenance).
+    """
+    z = pool.images.to(torch.float16)
+    bits = z.flatten(1).view(torch.int16).numpy()
+    order = np.lexsort([*bits.T[::-1], pool.labels.numpy()])          # primary key last: label
+    idx = torch.from_numpy(order)
+    return ImageSplit(z[idx].float(), pool.labels[idx], pool.ids[idx])
 
 
 def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSplit, info: dict, out: Path,
@@ -83,8 +114,9 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
     models = {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
     info = {**info, "pretrain": info["pretrain"] + chain["seconds"],
             "checkpoints": {**info["checkpoints"], "chain": chain["path"]}}
-    per_ipc = [run_ipc(ds, models, pool, cfg, ipc, out, device) for ipc in cfg.ipcs]
-    full = run_full_real(ds, cfg, device) if "full_real" in cfg.baselines else None
+    teacher, info["teacher"] = server_teacher(models, pool, ds, cfg, device)
+    per_ipc = [run_ipc(ds, models, pool, cfg, ipc, out, device, teacher) for ipc in cfg.ipcs]
+    full = run_full_real(ds, cfg, device, teacher) if "full_real" in cfg.baselines else None
     report = make_report(ds, cfg, info, per_ipc, full, device, len(pool))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -122,7 +154,9 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
         "real_images_available": real_available, "public_images": len(ds.public), "test_images": len(ds.test),
         "accuracy": {"synthetic": acc(main, "synthetic"), "random_real": acc(main, "random_real"),
                      "full_real": full["accuracy"] if full else None},
+        "student_loss": cfg.student.loss, "teacher": info.get("teacher"),
         "seconds": {"pretrain": info["pretrain"], "encode": info.get("encode"),
+                    "teacher": (info.get("teacher") or {}).get("seconds", 0.0),
                     "collect": info.get("federation", {}).get("collect_seconds"),
                     "condense": sum(r["seconds_condense"] for r in per_ipc),
                     "student": sum(r[k]["seconds"] for r in per_ipc for k in ("synthetic", "random_real") if k in r)
@@ -142,6 +176,10 @@ def format_table(report: dict) -> str:
                      f"{rr if rr is None else format(rr, '.4f'):>12}  {r['seconds_condense']:.1f}s")
     if report.get("full_real"):
         lines.append(f"full real ({report['real_images_available']} images): {report['full_real']['accuracy']:.4f}")
+    if report.get("teacher"):
+        t = report["teacher"]
+        lines.append(f"students: {report['student_loss']}; teacher (E1 -> E2 -> head, {t['steps']} steps on the pool): "
+                     f"{t['accuracy']:.4f}")
     s = report["seconds"]
     moved = f"encode {s['encode']:.1f}" if s.get("encode") is not None else f"collect {s['collect']:.1f}"
     lines.append(f"seconds: pretrain {s['pretrain']:.0f}, {moved}, condense {s['condense']:.1f}, "

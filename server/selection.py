@@ -45,7 +45,8 @@ def plan_mixed(labels: np.ndarray, cfg: CondenseConfig, T: int) -> list[np.ndarr
 
 
 @SELECTION_RULES.register("random")
-def select_random(labels: np.ndarray, image_classes: list[np.ndarray], T: int, rng: np.random.Generator) -> np.ndarray:
+def select_random(labels: np.ndarray, image_classes: list[np.ndarray], T: int, rng: np.random.Generator,
+                  latents: np.ndarray | None = None) -> np.ndarray:
     """Claim 3: draw each image's T latents at random; when an image is fed by several classes,
     each of them is drawn at least once (needs T >= number of classes), then the order is shuffled."""
     by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
@@ -63,7 +64,8 @@ def select_random(labels: np.ndarray, image_classes: list[np.ndarray], T: int, r
 
 
 @SELECTION_RULES.register("one-to-one")
-def select_one_to_one(labels: np.ndarray, image_classes: list[np.ndarray], T: int, rng: np.random.Generator) -> np.ndarray:
+def select_one_to_one(labels: np.ndarray, image_classes: list[np.ndarray], T: int, rng: np.random.Generator,
+                      latents: np.ndarray | None = None) -> np.ndarray:
     """Claims 4 and 7: image i of a group of T is bound to estimator i, and groups are disjoint.
 
     Latents are dealt from a seeded, shuffled queue per class set without replacement, so no real
@@ -87,6 +89,49 @@ def select_one_to_one(labels: np.ndarray, image_classes: list[np.ndarray], T: in
     return np.asarray(rows, dtype=np.int64)
 
 
+@SELECTION_RULES.register("cluster")
+def select_cluster(labels: np.ndarray, image_classes: list[np.ndarray], T: int, rng: np.random.Generator,
+                   latents: np.ndarray | None = None) -> np.ndarray:
+    """One-to-one binding (claim 4) with groups of similar latents: per class set, k-means finds one
+    centre per synthetic image and each centre takes its T nearest unused latents (greedy by distance,
+    disjoint groups). Each synthetic image then distils one mode of the data instead of an average
+    of T unrelated images. Column order: farthest first, the latent nearest the centre conditions the
+    last (lowest-noise) estimator.
+    """
+    if latents is None:
+        raise ValueError("selection 'cluster' needs the latents (plan_and_select(..., latents=...))")
+    from scipy.cluster.vq import kmeans2
+    feats = latents.reshape(len(latents), -1).astype(np.float64)
+    rows: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(image_classes)
+    groups: dict[tuple, list[int]] = {}
+    for j, classes in enumerate(image_classes):
+        groups.setdefault(tuple(int(c) for c in classes), []).append(j)
+    for key, images in groups.items():
+        pool = np.flatnonzero(np.isin(labels, key))
+        if len(pool) < T * len(images):
+            raise ValueError(f"selection 'cluster' needs {T * len(images)} latents of classes {key}, has {len(pool)}; "
+                             f"lower the budget or use 'one-to-one' (which reuses latents)")
+        centres, _ = kmeans2(feats[pool], len(images), minit="++", seed=rng)
+        x = feats[pool]
+        dist = (x ** 2).sum(1)[:, None] - 2 * x @ centres.T + (centres ** 2).sum(1)[None]   # (pool, centres)
+        for j, members in zip(images, _capacitated_nearest(dist, T)):
+            rows[j] = pool[members]
+    return np.stack(rows).astype(np.int64)
+
+
+def _capacitated_nearest(dist: np.ndarray, T: int) -> list[np.ndarray]:
+    """Greedy: visit (point, centre) pairs by increasing distance; a centre takes up to T points, a
+    point joins one centre. Returns each centre's members ordered farthest -> nearest."""
+    taken = np.zeros(dist.shape[0], dtype=bool)
+    members: list[list[int]] = [[] for _ in range(dist.shape[1])]
+    for flat in np.argsort(dist, axis=None, kind="stable"):
+        i, c = divmod(int(flat), dist.shape[1])
+        if not taken[i] and len(members[c]) < T:
+            taken[i] = True
+            members[c].append(i)
+    return [np.asarray(m[::-1], dtype=np.int64) for m in members]
+
+
 def soft_labels(labels: np.ndarray, selected: np.ndarray, num_classes: int) -> np.ndarray:
     """Claims 5-6: y_c = n_c / T, n_c = how many of the image's T conditioning latents have class c."""
     T = selected.shape[1]
@@ -94,9 +139,10 @@ def soft_labels(labels: np.ndarray, selected: np.ndarray, num_classes: int) -> n
     return counts.astype(np.float32) / T
 
 
-def plan_and_select(labels: np.ndarray, cfg: CondenseConfig, T: int, seed: int) -> np.ndarray:
+def plan_and_select(labels: np.ndarray, cfg: CondenseConfig, T: int, seed: int,
+                    latents: np.ndarray | None = None) -> np.ndarray:
     """(M, T) indices into `labels`; column k conditions the k-th estimator of the chain."""
     if cfg.max_coverage and cfg.selection != "one-to-one":
-        raise ValueError("max_coverage needs selection 'one-to-one' (the random rule does not cover every latent)")
+        raise ValueError(f"max_coverage needs selection 'one-to-one' ('{cfg.selection}' does not cover every latent)")
     image_classes = CLASS_PLANS[cfg.class_plan](labels, cfg, T)
-    return SELECTION_RULES[cfg.selection](labels, image_classes, T, np.random.default_rng(seed))
+    return SELECTION_RULES[cfg.selection](labels, image_classes, T, np.random.default_rng(seed), latents=latents)

@@ -45,7 +45,7 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     augment = AUGMENTATIONS[cfg.augment]
     batch = min(cfg.batch_size, len(images))
     model.train()
-    for _ in progress(range(steps), desc=desc, unit="step"):
+    for step in progress(range(steps), desc=desc, unit="step"):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x = images[idx].to(device)
         draws = gen.get_state()
@@ -55,6 +55,9 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
                 inp.teacher_logits = teacher(augment(x, cfg.teacher_strength, torch.Generator().set_state(draws)))
             inp.student_features, inp.teacher_features = taps[0].value, taps[1].value
         total = sum(w * module(inp) for module, w in terms)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"student loss '{loss}' became {total.item()} at step {step}: training diverged; "
+                                     f"lower the learning rate or that term's weight (e.g. soft_ce:1,kd:0.5)")
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from server.pretrain import fingerprint
+from shared.cache import cache_dir
 from shared.models.first_encoder import FirstEncoder
 from shared.models.second_encoder import SecondEncoder
 from shared.progress import progress
@@ -58,3 +60,25 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
         sched.step()
     teacher.eval()
     return teacher, {"seconds": time.time() - start, "steps": steps}
+
+
+def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                          device: torch.device, steps: int = 800) -> tuple[Teacher, dict]:
+    path = cache_dir("teacher", fingerprint(latents), fingerprint(labels.float()), steps,
+                     fingerprint(torch.cat([p.flatten() for p in models["second_encoder"].parameters()])))
+    teacher = Teacher(models["first_encoder"], models["second_encoder"], num_classes).to(device)
+    if (path / "teacher.pt").exists():
+        teacher.load_state_dict(torch.load(path / "teacher.pt", map_location=device))
+        return teacher.eval(), {"seconds": 0.0, "steps": steps, "cached": str(path)}
+    teacher, info = train_teacher(models["first_encoder"], models["second_encoder"], latents, labels, num_classes,
+                                  device, steps=steps)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(teacher.state_dict(), path / "teacher.pt.tmp")
+    (path / "teacher.pt.tmp").rename(path / "teacher.pt")
+    return teacher, info
+
+
+def needs_teacher(loss_spec: str) -> bool:
+    """Every loss term except plain soft cross-entropy learns from the teacher."""
+    from server.losses import parse_loss_spec
+    return any(name != "soft_ce" for name, _ in parse_loss_spec(loss_spec))

@@ -5,7 +5,7 @@ from server.cli import main
 
 # Same data and chain settings as tests/test_demo_e2e.py: the chain comes from the session cache.
 TINY = ["--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "60", "--chain-steps", "40",
-        "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "20", "--device", "cpu"]
+        "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "20", "--teacher-steps", "10", "--device", "cpu"]
 
 
 def test_bench_smoke(tmp_path):
@@ -28,3 +28,9 @@ def test_bench_smoke(tmp_path):
     assert main(["bench-table", str(files[0]), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and "| dm | 1 |" in text and text.endswith("rest\n")
+    assert doc["student_loss"] == "soft_ce:1,kd:1" and 0 <= doc["teacher"]["accuracy"] <= 1, "arms share the KD recipe"
+
+
+def test_bench_rejects_unknown_arms_before_any_work(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path), "--scale", "smoke", "--arms", "ours", "dn", *TINY]) == 2
+    assert "unknown bench arm(s) ['dn']" in capsys.readouterr().err and not list(tmp_path.iterdir())

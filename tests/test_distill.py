@@ -55,3 +55,11 @@ def test_weak_view_is_the_same_transform_at_lower_strength():
     move_weak = (centroid(weak) - centroid(img)).norm(dim=1)
     ratio = (move_weak / move_strong.clamp_min(1e-6))[move_strong > 1.0]
     assert 0.35 < ratio.median() < 0.65
+
+
+def test_only_teacher_based_loss_specs_train_a_teacher():
+    from server.teacher import needs_teacher
+    assert not needs_teacher("soft_ce") and not needs_teacher("soft_ce:2")
+    assert needs_teacher("soft_ce:1,kd:1") and needs_teacher("dkd") and needs_teacher("channel_sparse")
+    with pytest.raises(KeyError, match="unknown loss"):
+        needs_teacher("soft_ce,kdd")

@@ -10,7 +10,7 @@ from shared.config import DataConfig
 from shared.data import load_dataset
 
 TINY = ["--clients", "3", "--alpha", "0.5", "--train-limit", "1500", "--test-limit", "500", "--T", "5",
-        "--ae-steps", "60", "--chain-steps", "40", "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "60", "--no-full",
+        "--ae-steps", "60", "--chain-steps", "40", "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "60", "--student-loss", "soft_ce", "--no-full",
         "--chunk-size", "300", "--device", "cpu", "--target-epsilon", "8"]
 
 
@@ -37,3 +37,17 @@ def test_simulated_federation_pools_every_client(tmp_path):
     again = GaussianRelease(release["clip_norm"], release["noise_multiplier"], release["delta"]).epsilon()
     assert again == pytest.approx(ledger["summary"]["epsilon"]) and release["delta"] < 1 / 1500
     assert {r["latents"] for r in ledger["releases"]} and all(r["cipher"].startswith("X25519") for r in ledger["releases"])
+
+
+def test_a_new_simulation_never_merges_an_earlier_pool(tmp_path):
+    """Simulated node ids change every run: an earlier run's pool must be cleared, not merged."""
+    from server.app import clear_earlier_simulation
+    from server.pool import LatentPool
+    pool = LatentPool(tmp_path / "pool")
+    pool.stage(11, 0, torch.zeros(3, 4, 8, 8), torch.zeros(3, dtype=torch.long))
+    pool.commit(11, 1, {"partition_id": 0})
+    (tmp_path / "collect_status.json").write_text("{}")
+    assert LatentPool(tmp_path / "pool").committed_nodes() == {11}
+    clear_earlier_simulation(tmp_path)
+    assert LatentPool(tmp_path / "pool").committed_nodes() == set() and not (tmp_path / "collect_status.json").exists()
+    clear_earlier_simulation(tmp_path)                      # nothing there: no error

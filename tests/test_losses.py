@@ -121,3 +121,32 @@ def test_distillation_points_capture_pre_activation(name):
     assert tap.value is not None and tap.value.ndim == 4
     if name != "shufflenet_v2":
         assert (tap.value < 0).any(), "captured before the activation, so negatives survive"
+
+
+def test_mixed_feature_term_stays_bounded_on_a_flat_student_map():
+    """A spatially flat student feature map (early training) must not blow the gradient up."""
+    from server.losses import MixedKD
+    fs = (torch.ones(4, 8, 8, 8) + 1e-7 * torch.randn(4, 8, 8, 8)).requires_grad_(True)
+    ft = torch.rand(4, 16, 4, 4)
+    logits = torch.randn(4, K, requires_grad=True)
+    loss = MixedKD(K)(inputs(logits, torch.randn(4, K), fs, ft))
+    loss.backward()
+    assert torch.isfinite(loss) and fs.grad.abs().max() < 10
+
+
+def test_a_diverging_loss_stops_training_with_a_clear_error():
+    from server.losses import LOSSES
+    from server.student import train_student
+    from shared.config import StudentConfig
+    if "nan_for_test" not in LOSSES:
+        @LOSSES.register("nan_for_test")
+        class NaNLoss(torch.nn.Module):
+            def __init__(self, num_classes, **_):
+                super().__init__()
+
+            def forward(self, inp):
+                return inp.student_logits.sum() * float("nan")
+    x, y = torch.randn(8, 1, 32, 32), F.one_hot(torch.arange(8) % K, K).float()
+    with pytest.raises(FloatingPointError, match="diverged; lower the learning rate"):
+        train_student(x, y, StudentConfig(model="convnet3_w32", steps=3, batch_size=8), torch.device("cpu"),
+                      loss="soft_ce:1,nan_for_test:1")

@@ -75,3 +75,54 @@ def test_selection_is_deterministic_for_a_seed():
 def test_unknown_rule_names_the_choices():
     with pytest.raises(KeyError, match="one-to-one"):
         plan_and_select(LABELS, CondenseConfig(selection="greedy"), 10, seed=0)
+
+
+def _blobs(per_blob: int = 20, blobs_per_class: int = 3, classes: int = 4, seed: int = 0):
+    """Well-separated blobs: blob b of class c sits at a distinct random centre."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=10.0, size=(classes * blobs_per_class, 4, 2, 2))
+    blob = np.repeat(np.arange(classes * blobs_per_class), per_blob)
+    latents = centres[blob] + 0.1 * rng.normal(size=(len(blob), 4, 2, 2))
+    order = rng.permutation(len(blob))
+    return latents[order].astype(np.float32), (blob // blobs_per_class)[order], blob[order]
+
+
+def test_cluster_rule_groups_each_mode_into_one_image():
+    latents, labels, blob = _blobs()
+    sel = plan_and_select(labels, CondenseConfig(ipc=3, selection="cluster"), 20, seed=0, latents=latents)
+    assert sel.shape == (12, 20) and len(np.unique(sel)) == sel.size, "disjoint groups"
+    for row in sel:
+        assert len(set(blob[row])) == 1, "a group is one blob, not a mix of modes"
+    assert sorted(blob[sel[:, 0]].tolist()) == list(range(12)), "every mode gets its own image"
+
+
+def test_cluster_rule_orders_the_nearest_latent_last():
+    latents, labels, _ = _blobs()
+    sel = plan_and_select(labels, CondenseConfig(ipc=3, selection="cluster"), 20, seed=0, latents=latents)
+    for row in sel:
+        x = latents[row].reshape(20, -1)
+        d = ((x - x.mean(0)) ** 2).sum(1)
+        assert d[-1] <= np.median(d), "the latent conditioning the last estimator is among the most central"
+
+
+def test_cluster_rule_needs_latents_and_enough_of_them():
+    latents, labels, _ = _blobs()
+    with pytest.raises(ValueError, match="needs the latents"):
+        plan_and_select(labels, CondenseConfig(ipc=3, selection="cluster"), 20, seed=0)
+    with pytest.raises(ValueError, match="lower the budget"):
+        plan_and_select(labels, CondenseConfig(ipc=4, selection="cluster"), 20, seed=0, latents=latents)
+
+
+def test_canonical_pool_ignores_arrival_order_and_keeps_provenance():
+    import torch
+
+    from server.pipeline import canonical_pool
+    from shared.data import ImageSplit
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 4, 2, 2, generator=gen)
+    pool = ImageSplit(z, torch.randint(0, 5, (300,), generator=gen), torch.arange(300) * 7)
+    a = canonical_pool(pool)
+    b = canonical_pool(pool.subset(torch.randperm(300, generator=gen)))    # clients replied in another order
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.ids, b.ids)
+    assert (a.labels[1:] >= a.labels[:-1]).all()
+    assert torch.equal(a.images, z.half().float()[a.ids // 7]), "each latent keeps its id (at fp16, the wire precision)"

@@ -37,7 +37,7 @@ def distill_point(model: nn.Module, name: str) -> tuple[nn.Module, str]:
         return model.features[-1][1], "post"
     if name == "shufflenet_v2":
         return model.stage3[-1], "post"
-    if name == "convnet3":
+    if name in ("convnet3", "convnet3_w32"):
         return model.features[-3], "post"
     if name == "teacher":
         return model.second_encoder.body, "post"
