@@ -47,7 +47,10 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
     teacher = Teacher(first_encoder, second_encoder, num_classes).to(device)
     params = [*teacher.second_encoder.parameters(), *teacher.head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    if steps < 4:
+        raise ValueError(f"teacher steps must be >= 4 (one-cycle schedule), got {steps}")
+    warmup = max(0.1, 2.0 / steps)                       # one-cycle needs >= 1 step up and down
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=warmup)
     teacher.train()
     for _ in progress(range(steps), desc="teacher", unit="step"):
         idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
