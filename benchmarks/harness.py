@@ -23,21 +23,23 @@ import torch
 from benchmarks.dm import distribution_matching
 from client.encode import encode_images
 from server.condense import condense
-from server.pipeline import random_real_like
+from server.pipeline import random_real_like, server_teacher
 from server.pretrain import load_or_train_autoencoder, load_or_train_chain
-from server.student import evaluate, fit_and_score, one_hot
-from server.teacher import load_or_train_teacher, needs_teacher
+from server.student import fit_and_score, one_hot
 from shared.config import AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, StudentConfig
 from shared.data import ImageSplit, load_dataset
 from shared.device import device_name, resolve_device
 from shared.sealing import encode_payload, raw_public, seal
 
 
+ARMS = ("ours", "ours_random", "ours_cluster", "ours_shared", "random_real", "dm", "full_real")
+
+
 @dataclass
 class BenchConfig:
     ipcs: tuple = (1, 10, 50)
     seeds: tuple = (0, 1, 2)
-    arms: tuple = ("ours", "ours_random", "ours_cluster", "ours_shared", "random_real", "dm", "full_real")
+    arms: tuple = ARMS
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
@@ -133,28 +135,21 @@ def prepare(cfg: BenchConfig) -> dict:
     ds = load_dataset(cfg.data)
     e1, dec, _ = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, dev)
     pool = ImageSplit(encode_images(e1, ds.private.images, device=dev), ds.private.labels, ds.private.ids)
-    lat = pool.images                           # what the server holds (single-machine order, as `demo --local`)
     models = {}
     for arm, chain_cfg in (("ours", cfg.chain), ("ours_random", cfg.chain), ("ours_cluster", cfg.chain),
                            ("ours_shared", replace(cfg.chain, layout="shared"))):
         if arm in cfg.arms or arm == "ours":
-            e2, est, _ = load_or_train_chain(lat, chain_cfg, dev)
+            e2, est, _ = load_or_train_chain(pool.images, chain_cfg, dev)
             models[arm] = ({"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, chain_cfg)
     by_T = {}
     for T in cfg.scaling_T:
         cT = replace(cfg.chain, T=T)
-        e2, est, _ = load_or_train_chain(lat, cT, dev)
+        e2, est, _ = load_or_train_chain(pool.images, cT, dev)
         by_T[T] = ({"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, cT)
-    teacher, teacher_info = None, None
-    if needs_teacher(cfg.student.loss):       # the same student recipe for every arm, teacher included
-        teacher, teacher_info = load_or_train_teacher(models["ours"][0], lat, pool.labels, ds.num_classes, dev,
-                                                      cfg.student.teacher_steps)
-        teacher_info["accuracy"] = evaluate(teacher, ds.test.images, ds.test.labels, dev)
+    # the same student recipe for every arm, the demo's teacher included
+    teacher, teacher_info = server_teacher(models["ours"][0], pool, ds, cfg.student, dev)
     return {"ds": ds, "pool": pool, "cfg": cfg, "device": dev, "models": models, "models_by_T": by_T, "e1": e1,
             "teacher": teacher, "teacher_info": teacher_info}
-
-
-ARMS = ("ours", "ours_random", "ours_cluster", "ours_shared", "random_real", "dm", "full_real")
 
 
 def run_bench(cfg: BenchConfig, out_dir: Path) -> Path:

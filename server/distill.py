@@ -21,9 +21,9 @@ def run_distill(synthetic: SyntheticSet, teacher: Teacher, test, cfg: DemoConfig
     rows = []
     for spec in losses:
         runs = []
+        uses_teacher = needs_teacher(spec)
         for seed in seeds:
             student_cfg = replace(cfg.student, seed=seed)
-            uses_teacher = needs_teacher(spec)
             try:
                 runs.append(fit_and_score(synthetic.images, synthetic.labels, test, student_cfg, device, loss=spec,
                                           desc=f"{spec} s{seed}", teacher=teacher if uses_teacher else None))

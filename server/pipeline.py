@@ -19,7 +19,7 @@ from server.pretrain import load_or_train_autoencoder, load_or_train_chain
 from server.student import evaluate, fit_and_score, one_hot
 from server.teacher import load_or_train_teacher, needs_teacher
 from shared.cache import to_jsonable
-from shared.config import DemoConfig
+from shared.config import DemoConfig, StudentConfig
 from shared.data import Dataset, ImageSplit, load_dataset
 from shared.device import device_name, resolve_device, seed_everything
 
@@ -79,13 +79,13 @@ def run_full_real(ds: Dataset, cfg: DemoConfig, device: torch.device, teacher=No
                          device, steps=steps, loss=cfg.student.loss, desc="full real", teacher=teacher)
 
 
-def server_teacher(models: dict, pool: ImageSplit, ds: Dataset, cfg: DemoConfig, device: torch.device):
-    """The teacher for knowledge distillation (SPEC §2), trained on the pooled latents the server holds;
-    None when the student loss does not use one."""
-    if not needs_teacher(cfg.student.loss):
+def server_teacher(models: dict, pool: ImageSplit, ds: Dataset, student: StudentConfig, device: torch.device):
+    """The teacher for knowledge distillation (SPEC §2), trained on the pooled latents the server holds,
+    with its test accuracy; (None, None) when the student loss does not use one."""
+    if not needs_teacher(student.loss):
         return None, None
     teacher, info = load_or_train_teacher(models, pool.images, pool.labels, ds.num_classes, device,
-                                          cfg.student.teacher_steps)
+                                          student.teacher_steps)
     return teacher, {**info, "accuracy": evaluate(teacher, ds.test.images, ds.test.labels, device)}
 
 
@@ -114,7 +114,7 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
     models = {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
     info = {**info, "pretrain": info["pretrain"] + chain["seconds"],
             "checkpoints": {**info["checkpoints"], "chain": chain["path"]}}
-    teacher, info["teacher"] = server_teacher(models, pool, ds, cfg, device)
+    teacher, info["teacher"] = server_teacher(models, pool, ds, cfg.student, device)
     per_ipc = [run_ipc(ds, models, pool, cfg, ipc, out, device, teacher) for ipc in cfg.ipcs]
     full = run_full_real(ds, cfg, device, teacher) if "full_real" in cfg.baselines else None
     report = make_report(ds, cfg, info, per_ipc, full, device, len(pool))

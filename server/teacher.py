@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from server.losses import parse_loss_spec
 from server.pretrain import fingerprint
 from shared.cache import cache_dir
 from shared.models.first_encoder import FirstEncoder
@@ -66,7 +67,7 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
 
 
 def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                          device: torch.device, steps: int = 800) -> tuple[Teacher, dict]:
+                          device: torch.device, steps: int) -> tuple[Teacher, dict]:
     path = cache_dir("teacher", fingerprint(latents), fingerprint(labels.float()), steps,
                      fingerprint(torch.cat([p.flatten() for p in models["second_encoder"].parameters()])))
     teacher = Teacher(models["first_encoder"], models["second_encoder"], num_classes).to(device)
@@ -83,5 +84,4 @@ def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Ten
 
 def needs_teacher(loss_spec: str) -> bool:
     """Every loss term except plain soft cross-entropy learns from the teacher."""
-    from server.losses import parse_loss_spec
     return any(name != "soft_ce" for name, _ in parse_loss_spec(loss_spec))
