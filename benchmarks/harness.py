@@ -9,6 +9,7 @@ README table from the JSON.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -28,11 +29,11 @@ from server.pretrain import load_or_train_autoencoder, load_or_train_chain
 from server.student import fit_and_score, one_hot
 from shared.config import AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, StudentConfig
 from shared.data import ImageSplit, load_dataset
-from shared.device import device_name, resolve_device
+from shared.device import device_name, gpu_peak_mb, resolve_device
 from shared.sealing import encode_payload, raw_public, seal
 
 
-ARMS = ("ours", "ours_random", "ours_cluster", "ours_shared", "random_real", "dm", "full_real")
+ARMS = ("ours", "ours_t10", "ours_random", "ours_cluster", "ours_shared", "random_real", "dm", "full_real")
 
 
 @dataclass
@@ -52,9 +53,14 @@ class BenchConfig:
 
 
 class PeakRSS:
-    """Peak resident memory above the level at entry, sampled from /proc every 5 ms (MB)."""
+    """Peak resident memory above the level at entry, sampled from /proc every 5 ms (MB); on CUDA also
+    the peak of torch's GPU allocations (`gpu_mb`)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
 
     def __enter__(self):
+        self.gpu_base = gpu_peak_mb(self.device, reset=True)
         self.base = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -73,6 +79,7 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.mb = self.peak - self.base
+        self.gpu_mb = gpu_peak_mb(self.device) - self.gpu_base
 
 
 OURS_SELECTION = {"ours_random": "random", "ours_cluster": "cluster"}   # 'ours' / 'ours_shared': the default rule
@@ -84,18 +91,20 @@ def make_set(arm, ipc, seed, ctx) -> dict:
     if arm.startswith("ours"):
         models, chain_cfg = ctx["models"][arm]
         ccfg = replace(CondenseConfig(), ipc=ipc, seed=seed, selection=OURS_SELECTION.get(arm, CondenseConfig.selection))
-        with PeakRSS() as mem:
+        with PeakRSS(dev) as mem:
             syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, chain_cfg, ccfg, dev)
-        return {"images": syn.images, "labels": syn.labels, "seconds": syn.meta["seconds"], "peak_mb": mem.mb}
+        return {"images": syn.images, "labels": syn.labels, "seconds": syn.meta["seconds"], "peak_mb": mem.mb,
+                "peak_gpu_mb": mem.gpu_mb}
     if arm == "dm":
-        with PeakRSS() as mem:
+        with PeakRSS(dev) as mem:
             out = distribution_matching(ds.private.images, ds.private.labels, ipc, cfg.dm_iterations, dev, seed=seed)
         return {"images": out["images"], "labels": one_hot(out["labels"], ds.num_classes), "seconds": out["seconds"],
-                "peak_mb": mem.mb}
+                "peak_mb": mem.mb, "peak_gpu_mb": mem.gpu_mb}
     if arm == "random_real":
         ref = ctx["reference_counts"][ipc]
         real = random_real_like(ds.private, ref, seed)
-        return {"images": real.images, "labels": one_hot(real.labels, ds.num_classes), "seconds": 0.0, "peak_mb": 0.0}
+        return {"images": real.images, "labels": one_hot(real.labels, ds.num_classes), "seconds": 0.0, "peak_mb": 0.0,
+                "peak_gpu_mb": 0.0}
     raise KeyError(arm)
 
 
@@ -103,7 +112,7 @@ def client_costs(e1, ds) -> dict:
     torch.set_num_threads(1)
     x = ds.private.images[:4096]
     start = time.time()
-    z = encode_images(e1.cpu(), x)
+    z = encode_images(copy.deepcopy(e1).cpu(), x)     # a copy: the server's E1 stays on its device
     rate = len(x) / (time.time() - start)
     torch.set_num_threads(os.cpu_count() or 1)
     key = __import__("cryptography.hazmat.primitives.asymmetric.x25519", fromlist=["X"]).X25519PrivateKey.generate()
@@ -123,8 +132,11 @@ def scaling(ctx) -> dict:
         syn = condense(part.images, part.labels, part.ids, ds.num_classes, models, chain_cfg, ccfg, dev)
         rows.append({"real_latents": n, "synthetic_images": len(syn), "seconds": syn.meta["seconds"],
                      "images_per_s": len(syn) / syn.meta["seconds"]})
-    by_T = []
-    for T, (models_T, cfg_T) in ctx.get("models_by_T", {}).items():
+    by_T, chains = [], dict(ctx.get("models_by_T", {}))
+    for arm in ("ours", "ours_t10"):                   # chains trained anyway join the time-vs-T curve
+        if arm in ctx["models"]:
+            chains.setdefault(ctx["models"][arm][1].T, ctx["models"][arm])
+    for T, (models_T, cfg_T) in sorted(chains.items()):
         syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models_T, cfg_T, CondenseConfig(ipc=100), dev)
         by_T.append({"T": T, "synthetic_images": len(syn), "seconds": syn.meta["seconds"]})
     return {"vs_real_latents": rows, "vs_T": by_T}
@@ -133,32 +145,48 @@ def scaling(ctx) -> dict:
 def prepare(cfg: BenchConfig) -> dict:
     dev = resolve_device(cfg.device)
     ds = load_dataset(cfg.data)
-    e1, dec, _ = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, dev)
+    e1, dec, ae_info = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, dev)
     pool = ImageSplit(encode_images(e1, ds.private.images, device=dev), ds.private.labels, ds.private.ids)
-    models = {}
+    models, pretrain = {}, {"autoencoder_s": ae_info["seconds"]}
     for arm, chain_cfg in (("ours", cfg.chain), ("ours_random", cfg.chain), ("ours_cluster", cfg.chain),
-                           ("ours_shared", replace(cfg.chain, layout="shared"))):
+                           ("ours_shared", replace(cfg.chain, layout="shared")), ("ours_t10", replace(cfg.chain, T=10))):
         if arm in cfg.arms or arm == "ours":
-            e2, est, _ = load_or_train_chain(pool.images, chain_cfg, dev)
+            e2, est, info = load_or_train_chain(pool.images, chain_cfg, dev)
+            pretrain.setdefault(f"chain_T{chain_cfg.T}_{chain_cfg.layout}_s", info["seconds"])   # the first load trains
             models[arm] = ({"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, chain_cfg)
     by_T = {}
     for T in cfg.scaling_T:
         cT = replace(cfg.chain, T=T)
-        e2, est, _ = load_or_train_chain(pool.images, cT, dev)
+        e2, est, info = load_or_train_chain(pool.images, cT, dev)
+        pretrain[f"chain_T{T}_{cT.layout}_s"] = info["seconds"]
         by_T[T] = ({"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, cT)
     # the same student recipe for every arm, the demo's teacher included
     teacher, teacher_info = server_teacher(models["ours"][0], pool, ds, cfg.student, dev)
     return {"ds": ds, "pool": pool, "cfg": cfg, "device": dev, "models": models, "models_by_T": by_T, "e1": e1,
-            "teacher": teacher, "teacher_info": teacher_info}
+            "teacher": teacher, "teacher_info": teacher_info, "pretrain": pretrain}
 
 
 def run_bench(cfg: BenchConfig, out_dir: Path) -> Path:
+    """Runs every arm; the JSON is rewritten after each result ('complete': false until the end), so a
+    run cut short keeps what it measured."""
     unknown = set(cfg.arms) - set(ARMS)
     if unknown:
         raise ValueError(f"unknown bench arm(s) {sorted(unknown)}; choose from {', '.join(ARMS)}")
     ctx = prepare(cfg)
     ds, dev = ctx["ds"], ctx["device"]
     results = []
+    doc = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_name(dev), "device": device_name(dev),
+           "config": json.loads(json.dumps(asdict(cfg), default=str)), "results": results, "summary": [],
+           "client": client_costs(ctx["e1"], ds), "scaling": scaling(ctx), "teacher": ctx["teacher_info"],
+           "pretrain_seconds": ctx["pretrain"], "student_loss": cfg.student.loss, "complete": False}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{doc['machine']}.json"
+
+    def record(row: dict) -> None:
+        results.append(row)
+        doc["summary"] = summarise(results)
+        path.write_text(json.dumps(doc, indent=2))
+
     for ipc in cfg.ipcs:
         ctx.setdefault("reference_counts", {})
         ref = condense(ctx["pool"].images, ctx["pool"].labels, ctx["pool"].ids, ds.num_classes, *ctx["models"]["ours"],
@@ -169,22 +197,17 @@ def run_bench(cfg: BenchConfig, out_dir: Path) -> Path:
                 made = make_set(arm, ipc, seed, ctx)
                 score = fit_and_score(made["images"], made["labels"], ds.test, replace(cfg.student, seed=seed), dev,
                                       loss=cfg.student.loss, desc=f"{arm} ipc{ipc} s{seed}", teacher=ctx["teacher"])
-                results.append({"arm": arm, "ipc": ipc, "seed": seed, "accuracy": score["accuracy"],
-                                "condense_seconds": made["seconds"], "condense_peak_mb": made["peak_mb"],
-                                "images": len(made["images"])})
+                record({"arm": arm, "ipc": ipc, "seed": seed, "accuracy": score["accuracy"],
+                        "condense_seconds": made["seconds"], "condense_peak_mb": made["peak_mb"],
+                        "condense_peak_gpu_mb": made["peak_gpu_mb"], "images": len(made["images"])})
     if "full_real" in cfg.arms:
         for seed in cfg.seeds:
             score = fit_and_score(ds.private.images, one_hot(ds.private.labels, ds.num_classes), ds.test,
                                   replace(cfg.student, seed=seed), dev, steps=cfg.full_steps, loss=cfg.student.loss,
                                   desc=f"full s{seed}", teacher=ctx["teacher"])
-            results.append({"arm": "full_real", "ipc": None, "seed": seed, "accuracy": score["accuracy"],
-                            "images": len(ds.private)})
-    doc = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_name(dev), "device": device_name(dev),
-           "config": json.loads(json.dumps(asdict(cfg), default=str)), "results": results,
-           "summary": summarise(results), "client": client_costs(ctx["e1"], ds), "scaling": scaling(ctx),
-           "teacher": ctx["teacher_info"], "student_loss": cfg.student.loss}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{doc['machine']}.json"
+            record({"arm": "full_real", "ipc": None, "seed": seed, "accuracy": score["accuracy"],
+                    "images": len(ds.private)})
+    doc["complete"] = True
     path.write_text(json.dumps(doc, indent=2))
     plot(doc, path.with_suffix(""))
     return path
@@ -207,7 +230,8 @@ def summarise(results: list[dict]) -> list[dict]:
         rows.append({"arm": arm, "ipc": ipc, "mean": statistics.mean(accs),
                      "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
                      "condense_seconds": statistics.mean(secs),
-                     "condense_peak_mb": max((r.get("condense_peak_mb") or 0.0) for r in rs)})
+                     "condense_peak_mb": max((r.get("condense_peak_mb") or 0.0) for r in rs),
+                     "condense_peak_gpu_mb": max((r.get("condense_peak_gpu_mb") or 0.0) for r in rs)})
     return rows
 
 
@@ -215,7 +239,7 @@ def plot(doc: dict, stem: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     arms = sorted({r["arm"] for r in doc["summary"] if r["ipc"] is not None})
     for arm in arms:
         rows = sorted((r for r in doc["summary"] if r["arm"] == arm), key=lambda r: r["ipc"])
@@ -227,6 +251,9 @@ def plot(doc: dict, stem: Path) -> None:
     sc = doc["scaling"]["vs_real_latents"]
     axes[2].plot([r["real_latents"] for r in sc], [r["seconds"] for r in sc], marker="o")
     axes[2].set(xscale="log", yscale="log", xlabel="real latents (max coverage)", ylabel="seconds", title="Scaling")
+    by_T = doc["scaling"].get("vs_T", [])
+    axes[3].plot([r["T"] for r in by_T], [r["seconds"] for r in by_T], marker="o")
+    axes[3].set(xlabel="T (real images per synthetic image)", ylabel="seconds for 1,000 images", title="Time vs T")
     for ax in axes[:2]:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -235,16 +262,30 @@ def plot(doc: dict, stem: Path) -> None:
 
 
 def markdown_table(doc: dict) -> str:
+    cut = "" if doc.get("complete", True) else " **Incomplete run: the rows below are what finished.**"
     lines = [f"Machine: {doc['device']}, {doc['created']}; ConvNet-3 evaluator, {doc['config']['student']['steps']} steps, "
-             f"seeds {doc['config']['seeds']}. Generated by `fedcondense bench-table` from the JSON.", "",
-             "| arm | IPC | accuracy (mean ± std) | condense s | peak MB |", "|---|---|---|---|---|"]
+             f"seeds {doc['config']['seeds']}. Generated by `fedcondense bench-table` from the JSON.{cut}", "",
+             "| arm | IPC | accuracy (mean ± std) | condense s | peak RSS MB | peak GPU MB |", "|---|---|---|---|---|---|"]
     for r in sorted(doc["summary"], key=lambda r: (r["ipc"] or 10**9, r["arm"])):
         lines.append(f"| {r['arm']} | {r['ipc'] if r['ipc'] is not None else 'all'} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} "
-                     f"| {r['condense_seconds']:.1f} | {r['condense_peak_mb']:.0f} |")
+                     f"| {r['condense_seconds']:.1f} | {r['condense_peak_mb']:.0f} | {r.get('condense_peak_gpu_mb', 0.0):.0f} |")
+    lines += [""] + [headline(doc, ipc) for ipc in sorted({r["ipc"] for r in doc["summary"] if r["ipc"]})
+                     if headline(doc, ipc)]
     c = doc["client"]
     lines += ["", f"Client: {c['encode_images_per_s_1_core']:.0f} images/s on 1 core; uplink "
                   f"{c['uplink_bytes_per_image']:.0f} B/image vs {c['raw_bytes_per_image']} B raw."]
     return "\n".join(lines) + "\n"
+
+
+def headline(doc: dict, ipc: int) -> str:
+    """'ours vs DM' at one IPC from the same run: accuracy gap and condensation-time ratio (issue 6)."""
+    rows = {r["arm"]: r for r in doc["summary"] if r["ipc"] == ipc}
+    if "ours" not in rows or "dm" not in rows:
+        return ""
+    ours, dm = rows["ours"], rows["dm"]
+    ratio = dm["condense_seconds"] / max(ours["condense_seconds"], 1e-9)
+    return (f"IPC {ipc}: ours {100 * ours['mean']:.2f} % vs DM {100 * dm['mean']:.2f} % "
+            f"({100 * (ours['mean'] - dm['mean']):+.2f} points); DM/ours condensation time {ratio:.1f}x.")
 
 
 def update_readme(doc: dict, readme: Path) -> None:

@@ -22,6 +22,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ae-steps", type=int, default=None, help="autoencoder training steps")
     p.add_argument("--chain-steps", type=int, default=None, help="shared-estimator training steps")
     p.add_argument("--module-steps", type=int, default=None, help="per-module fine-tuning steps (separate layout)")
+    p.add_argument("--chain-batch", type=int, default=None, help="chain training batch size (default 128)")
 
 
 def _add_condense(p: argparse.ArgumentParser) -> None:
@@ -63,7 +64,8 @@ def demo_config(args):
     cfg = DemoConfig()
     data = override(DataConfig(), data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed)
     ae = override(AutoencoderConfig(), steps=args.ae_steps)
-    chain = override(ChainConfig(), T=args.T, layout=args.layout, shared_steps=args.chain_steps, module_steps=args.module_steps)
+    chain = override(ChainConfig(), T=args.T, layout=args.layout, shared_steps=args.chain_steps, module_steps=args.module_steps,
+                     batch_size=args.chain_batch)
     cond = override(CondenseConfig(), selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
                     sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
                     ratio=getattr(args, "ratio", None), seed=args.seed)
@@ -207,8 +209,9 @@ def cmd_bench(args) -> int:
         preset["seeds"] = tuple(args.seeds)
     if args.arms:
         preset["arms"] = tuple(args.arms)
-    if args.dm_iterations:
-        preset["dm_iterations"] = args.dm_iterations
+    for key in ("dm_iterations", "full_steps", "scaling_T"):
+        if getattr(args, key) is not None:
+            preset[key] = tuple(getattr(args, key)) if key == "scaling_T" else getattr(args, key)
     cfg = harness.BenchConfig(data=base.data, autoencoder=base.autoencoder, chain=base.chain, student=base.student,
                               device=base.device, **preset)
     path = harness.run_bench(cfg, Path(args.out))
@@ -221,6 +224,9 @@ def cmd_bench(args) -> int:
 def cmd_bench_table(args) -> int:
     harness = _benchmarks()
     doc = json.loads(Path(args.results).read_text())
+    png = Path(args.results).with_suffix(".png")
+    if not png.exists():
+        harness.plot(doc, png.with_suffix(""))
     if args.readme:
         harness.update_readme(doc, Path(args.readme))
     print(harness.markdown_table(doc))
@@ -283,8 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--arms", nargs="+", default=None,
-                   help="subset of: ours ours_random ours_cluster ours_shared random_real dm full_real")
+                   help="subset of: ours ours_t10 ours_random ours_cluster ours_shared random_real dm full_real")
     p.add_argument("--dm-iterations", type=int, default=None, help="DM optimisation steps (default: the scale's)")
+    p.add_argument("--full-steps", type=int, default=None, help="student steps of the full-data arm (default: the scale's)")
+    p.add_argument("--scaling-T", type=int, nargs="+", default=None,
+                   help="extra chain lengths T to train for the time-vs-T curve (one chain each)")
     _add_common(p)
     _add_student(p)
     _add_teacher(p)

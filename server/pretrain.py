@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from shared.cache import cache_dir, to_jsonable
 from shared.config import AutoencoderConfig, ChainConfig
+from shared.device import autocast
 from shared.models.first_encoder import Decoder, FirstEncoder
 from shared.models.noise_estimators import NoiseEstimators, make_scheduler
 from shared.models.second_encoder import SecondEncoder
@@ -50,9 +51,11 @@ def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torc
     bar = progress(_batches(len(images), cfg.batch_size, cfg.steps, cfg.seed), total=cfg.steps, desc="autoencoder", unit="step")
     for idx in bar:
         x = images[idx].to(device)
-        mean, logvar = enc.moments(x)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
-        recon = dec(z)
+        with autocast(device):
+            mean, logvar = enc.moments(x)
+            mean, logvar = mean.float(), logvar.float()
+            z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+            recon = dec(z).float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
         loss = F.mse_loss(recon, x) + cfg.kl_weight * kl / x[0].numel()
         opt.zero_grad(set_to_none=True)
@@ -86,12 +89,13 @@ def _noise_loss(e2, estimators, sched, z0: torch.Tensor, t: int | torch.Tensor) 
     eps = torch.randn_like(z0)
     steps = t if torch.is_tensor(t) else torch.full((len(z0),), t, dtype=torch.long, device=z0.device)
     z_t = sched.add_noise(z0, eps, steps)
-    cond = e2(z0)
-    if torch.is_tensor(t):
-        pred = estimators.estimators[0](z_t, steps, encoder_hidden_states=cond).sample
-    else:
-        pred = estimators(z_t, t, cond)
-    return F.mse_loss(pred, eps)
+    with autocast(z0.device):
+        cond = e2(z0)
+        if torch.is_tensor(t):
+            pred = estimators.estimators[0](z_t, steps, encoder_hidden_states=cond).sample
+        else:
+            pred = estimators(z_t, t, cond)
+    return F.mse_loss(pred.float(), eps)
 
 
 def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators]:

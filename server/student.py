@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from server.losses import LossInputs, build_losses
 from shared.augment import AUGMENTATIONS
 from shared.config import StudentConfig
+from shared.device import autocast
 from shared.models.distill_points import FeatureTap
 from shared.models.students import build_student
 from shared.progress import progress
@@ -49,12 +50,13 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x = images[idx].to(device)
         draws = gen.get_state()
-        inp = LossInputs(model(augment(x, 1.0, gen)), targets[idx].to(device))
-        if teacher is not None:
-            with torch.no_grad():
-                inp.teacher_logits = teacher(augment(x, cfg.teacher_strength, torch.Generator().set_state(draws)))
-            inp.student_features, inp.teacher_features = taps[0].value, taps[1].value
-        total = sum(w * module(inp) for module, w in terms)
+        with autocast(device):
+            inp = LossInputs(model(augment(x, 1.0, gen)).float(), targets[idx].to(device))
+            if teacher is not None:
+                with torch.no_grad():
+                    inp.teacher_logits = teacher(augment(x, cfg.teacher_strength, torch.Generator().set_state(draws))).float()
+                inp.student_features, inp.teacher_features = taps[0].value, taps[1].value
+            total = sum(w * module(inp) for module, w in terms)
         if not torch.isfinite(total):
             raise FloatingPointError(f"student loss '{loss}' became {total.item()} at step {step}: training diverged; "
                                      f"lower the learning rate or that term's weight (e.g. soft_ce:1,kd:0.5)")

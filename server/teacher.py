@@ -18,6 +18,7 @@ from server.pretrain import fingerprint
 from shared.cache import cache_dir
 from shared.models.first_encoder import FirstEncoder
 from shared.models.second_encoder import SecondEncoder
+from shared.device import autocast
 from shared.progress import progress
 
 
@@ -57,7 +58,9 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
         idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
         z = latents[idx].to(device)
         z = z + noise * torch.randn(z.shape, generator=gen).to(device)
-        loss = F.cross_entropy(teacher.classify_latents(z), labels[idx].to(device))
+        with autocast(device):
+            logits = teacher.classify_latents(z)
+        loss = F.cross_entropy(logits.float(), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
