@@ -125,15 +125,20 @@ class MutualInformationPrior(nn.Module):
 
 
 def _channel_vector(feat: torch.Tensor, length: int | None = None) -> torch.Tensor:
-    """Channel attention: spatial mean of each channel, L2-normalised; resampled to `length` channels.
+    """Channel attention: spatial mean of each channel's rectified activation, L2-normalised; resampled
+    to `length` channels.
 
-    **Reading (SPEC §4):** teacher and student may differ in channel count; the longer vector is
-    average-pooled to the shorter length so that the L2 distance is defined without new parameters.
+    **Readings (SPEC §4):** (1) the mean is taken after the activation (ReLU), i.e. of what the next
+    layer sees. Our distillation points sit after a normalisation and before the ReLU (SPEC §5), where
+    the plain spatial mean of a channel *is* the norm's bias: zero at initialisation, so the L2
+    normalisation's gradient (~1 / ||v||) blew the student up (measured, docs/results.md). For features
+    already past a ReLU this is the plain mean. (2) Teacher and student may differ in channel count;
+    the longer vector is average-pooled to the shorter length, so no new parameters are needed.
     """
-    v = feat.mean(dim=(2, 3))
+    v = F.relu(feat).mean(dim=(2, 3))
     if length is not None and v.shape[1] != length:
         v = F.adaptive_avg_pool1d(v.unsqueeze(1), length).squeeze(1)
-    return F.normalize(v, dim=1)
+    return F.normalize(v, dim=1, eps=1e-6)
 
 
 @LOSSES.register("attention")
@@ -156,9 +161,8 @@ class MixedKD(nn.Module):
     **Reading:** the feature MSE compares spatial attention maps (channel mean of squared activations,
     L2-normalised over positions, as in attention transfer; the teacher's resized to the student's
     grid), which needs no learnable adapter when shapes differ. Standardising the maps (dividing by
-    their spatial spread) is unbounded for a flat map; these maps are not (tested). Known issue,
-    measured: `soft_ce:1,mixed:1` still blows the student's logits up within two steps on ConvNet-3
-    w32 at lr 0.01 (docs/results.md, issue 5), so the table reports it at chance.
+    their spatial spread) is unbounded for a flat map; these maps are not (tested). The attention
+    term uses `_channel_vector` (rectified means), which stays bounded at initialisation (tested).
     """
 
     def __init__(self, num_classes: int, temperature: float = 4.0, weights=(0.5, 0.3, 0.2), **_):

@@ -38,6 +38,18 @@ def test_distillation_with_teacher_runs_every_family(setup):
         train_student(x, y, cfg, torch.device("cpu"), loss="channel_sparse", teacher=setup[1])
 
 
+@pytest.mark.parametrize("spec", ["soft_ce:1,mixed:1", "soft_ce:1,attention:1"])
+def test_attention_losses_train_a_working_student(setup, spec):
+    """Regression (issue 5): `soft_ce:1,mixed:1` used to blow the logits up within two steps."""
+    ds, teacher = setup
+    x, y = ds.private.images[:600], torch.nn.functional.one_hot(ds.private.labels[:600], 10).float()
+    model = train_student(x, y, StudentConfig(model="convnet3_w32", steps=40, batch_size=64), torch.device("cpu"),
+                          loss=spec, teacher=teacher)
+    with torch.no_grad():
+        assert model(ds.test.images[:200]).abs().max() < 100
+    assert evaluate(model, ds.test.images, ds.test.labels, torch.device("cpu")) > 0.4
+
+
 def test_weak_view_is_the_same_transform_at_lower_strength():
     """Same draws: the teacher's view moves a bright pixel half as far as the student's (SPEC §2)."""
     img = torch.full((64, 1, 32, 32), -1.0)

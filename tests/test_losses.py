@@ -150,3 +150,17 @@ def test_a_diverging_loss_stops_training_with_a_clear_error():
     with pytest.raises(FloatingPointError, match="diverged; lower the learning rate"):
         train_student(x, y, StudentConfig(model="convnet3_w32", steps=3, batch_size=8), torch.device("cpu"),
                       loss="soft_ce:1,nan_for_test:1")
+
+
+@pytest.mark.parametrize("name", ["attention", "mixed"])
+def test_attention_terms_have_bounded_gradients_at_initialisation(name):
+    """At ConvNet-3's distillation point (after the norm, before the ReLU) a channel's plain spatial mean
+    is the norm's bias, zero at initialisation; normalising it gave ~1e8 gradients (issue 5's divergence)."""
+    torch.manual_seed(0)
+    student = build_student("convnet3_w32", 1, K)
+    tap = FeatureTap(student, "convnet3_w32")
+    logits = student(torch.randn(8, 1, 32, 32))
+    loss = LOSSES[name](K)(inputs(logits, torch.randn(8, K), tap.value, torch.rand(8, 64, 4, 4)))
+    loss.backward()
+    worst = max(float(p.grad.abs().max()) for p in student.parameters() if p.grad is not None)
+    assert torch.isfinite(loss) and worst < 10, worst
