@@ -222,10 +222,19 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_table(args) -> int:
+    """One JSON, or several runs of one machine merged (`--merged-out` keeps the merged JSON + PNG)."""
     harness = _benchmarks()
-    doc = json.loads(Path(args.results).read_text())
-    png = Path(args.results).with_suffix(".png")
-    if not png.exists():
+    docs = [json.loads(Path(p).read_text()) for p in args.results]
+    for doc, p in zip(docs, args.results):
+        doc.setdefault("source", Path(p).name)
+    doc = harness.merge_runs(docs) if len(docs) > 1 else docs[0]
+    path = Path(args.merged_out) if args.merged_out else Path(args.results[0])
+    if args.merged_out:
+        path.write_text(json.dumps(doc, indent=2))
+    elif len(docs) > 1:
+        raise ValueError("several results files: name the merged JSON with --merged-out")
+    png = path.with_suffix(".png")
+    if args.merged_out or not png.exists():
         harness.plot(doc, png.with_suffix(""))
     if args.readme:
         harness.update_readme(doc, Path(args.readme))
@@ -299,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_teacher(p)
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("bench-table", help="render the README results table from a bench JSON")
-    p.add_argument("results")
+    p.add_argument("results", nargs="+", help="bench JSON(s); several are merged (same machine and recipe)")
+    p.add_argument("--merged-out", default=None, help="where to write the merged JSON (its PNG goes beside it)")
     p.add_argument("--readme", default=None, help="rewrite the table between the bench markers of this file")
     p.set_defaults(fn=cmd_bench_table)
     p = sub.add_parser("certs", help="CA, SuperLink certificate (with SANs) and SuperNode key pairs")

@@ -1,6 +1,8 @@
 """Smoke test of the bench harness at tiny scale (issue 6): JSON, plot, table from the JSON."""
 import json
 
+import pytest
+
 from server.cli import main
 
 # Same data and chain settings as tests/test_demo_e2e.py: the chain comes from the session cache.
@@ -29,6 +31,28 @@ def test_bench_smoke(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "| dm | 1 |" in text and text.endswith("rest\n")
     assert doc["student_loss"] == "soft_ce:1,kd:1" and 0 <= doc["teacher"]["accuracy"] <= 1, "arms share the KD recipe"
+    check_merge(files[0], tmp_path)
+
+
+def check_merge(first, tmp_path):
+    """A second run of the same recipe (another seed, one arm re-run) merges into one table; an
+    incompatible run is refused."""
+    doc = json.loads(first.read_text())
+    second = json.loads(json.dumps(doc))
+    second["config"]["seeds"] = [1]
+    second["results"] = [{**r, "seed": 1, "accuracy": 0.5} for r in doc["results"] if r["arm"] in ("ours", "dm")]
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    merged_path = tmp_path / "merged.json"
+    assert main(["bench-table", str(first), str(tmp_path / "b.json"), "--merged-out", str(merged_path)]) == 0
+    merged = json.loads(merged_path.read_text())
+    seeds = {r["arm"]: r["seeds"] for r in merged["summary"]}
+    assert seeds == {"ours": 2, "dm": 2, "random_real": 1, "full_real": 1}
+    assert not merged["complete"] and merged_path.with_suffix(".png").exists()   # random_real lacks seed 1
+    from benchmarks.harness import markdown_table, merge_runs
+    assert "random_real IPC 1 (1/2 seeds)" in markdown_table(merged)
+    second["config"]["student"]["steps"] += 1
+    with pytest.raises(ValueError, match="different 'student' settings"):
+        merge_runs([doc, second])
 
 
 def test_bench_rejects_unknown_arms_before_any_work(tmp_path, capsys):
