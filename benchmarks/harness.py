@@ -148,18 +148,19 @@ def prepare(cfg: BenchConfig) -> dict:
     e1, dec, ae_info = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, dev)
     pool = ImageSplit(encode_images(e1, ds.private.images, device=dev), ds.private.labels, ds.private.ids)
     models, pretrain = {}, {"autoencoder_s": ae_info["seconds"]}
+    bundle = lambda e2, est: {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
     for arm, chain_cfg in (("ours", cfg.chain), ("ours_random", cfg.chain), ("ours_cluster", cfg.chain),
                            ("ours_shared", replace(cfg.chain, layout="shared")), ("ours_t10", replace(cfg.chain, T=10))):
         if arm in cfg.arms or arm == "ours":
             e2, est, info = load_or_train_chain(pool.images, chain_cfg, dev)
             pretrain.setdefault(f"chain_T{chain_cfg.T}_{chain_cfg.layout}_s", info["seconds"])   # the first load trains
-            models[arm] = ({"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, chain_cfg)
+            models[arm] = (bundle(e2, est), chain_cfg)
     by_T = {}
     for T in cfg.scaling_T:
         cT = replace(cfg.chain, T=T)
         e2, est, info = load_or_train_chain(pool.images, cT, dev)
         pretrain[f"chain_T{T}_{cT.layout}_s"] = info["seconds"]
-        by_T[T] = ({"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, cT)
+        by_T[T] = (bundle(e2, est), cT)
     # the same student recipe for every arm, the demo's teacher included
     teacher, teacher_info = server_teacher(models["ours"][0], pool, ds, cfg.student, dev)
     return {"ds": ds, "pool": pool, "cfg": cfg, "device": dev, "models": models, "models_by_T": by_T, "e1": e1,
@@ -280,6 +281,7 @@ def merge_runs(docs: list[dict]) -> dict:
         for r in doc["results"]:
             rows[(r["arm"], r["ipc"], r["seed"])] = {**r, "source": doc.get("source", doc["created"])}
     merged = copy.deepcopy(first)
+    merged.pop("source", None)                         # the merged document lists every run in 'sources'
     merged["results"] = list(rows.values())
     merged["summary"] = summarise(merged["results"])
     merged["created"] = " + ".join(d["created"] for d in docs)

@@ -224,15 +224,13 @@ def cmd_bench(args) -> int:
 def cmd_bench_table(args) -> int:
     """One JSON, or several runs of one machine merged (`--merged-out` keeps the merged JSON + PNG)."""
     harness = _benchmarks()
-    docs = [json.loads(Path(p).read_text()) for p in args.results]
-    for doc, p in zip(docs, args.results):
-        doc.setdefault("source", Path(p).name)
+    if len(args.results) > 1 and not args.merged_out:
+        raise ValueError("several results files: name the merged JSON with --merged-out")
+    docs = [{"source": Path(p).name, **json.loads(Path(p).read_text())} for p in args.results]
     doc = harness.merge_runs(docs) if len(docs) > 1 else docs[0]
-    path = Path(args.merged_out) if args.merged_out else Path(args.results[0])
+    path = Path(args.merged_out or args.results[0])
     if args.merged_out:
         path.write_text(json.dumps(doc, indent=2))
-    elif len(docs) > 1:
-        raise ValueError("several results files: name the merged JSON with --merged-out")
     png = path.with_suffix(".png")
     if args.merged_out or not png.exists():
         harness.plot(doc, png.with_suffix(""))
