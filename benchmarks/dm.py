@@ -40,7 +40,7 @@ def distribution_matching(images: torch.Tensor, labels: torch.Tensor, ipc: int, 
         net = ConvNet(images.shape[1], k, 128, 3, images.shape[-1]).to(device).requires_grad_(False)
         idx = torch.cat([by_class[c][torch.randint(0, len(by_class[c]), (per,), generator=gen)] for c in classes])
         theta = affine_theta(k * per, 1.0, gen)
-        with autocast(device):       # all classes in one pass: the net normalises each sample on its own
+        with autocast(device, cpu_bf16=True):       # all classes in one pass: the net normalises each sample on its own
             with torch.no_grad():
                 real = net.features(warp(images[idx].to(device), theta)).flatten(1).float()
             fake = net.features(warp(syn, theta[keep])).flatten(1).float()

@@ -61,7 +61,7 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     """Map `[tool.flwr.app.config]` keys onto the typed config (unknown keys are an error)."""
     known = {"out", "clients", "alpha", "iid", "ipc", "T", "layout", "device", "train-limit", "test-limit",
              "ae-steps", "chain-steps", "module-steps", "student-steps", "full-epochs", "timeout",
-             "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student", "student-loss",
+             "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student", "student-loss", "prediction",
              "teacher-steps"}
     unknown = set(run_config) - known
     if unknown:

@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    p.add_argument("--cpu-precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="conv nets on a CPU: auto = bf16 where the CPU has native bf16 (default), else fp32")
     p.add_argument("--data-dir", default=None, help="directory holding the 4 IDX .gz files (default: Debian package)")
     p.add_argument("--train-limit", type=int, default=None, help="use only this many private training images")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on this many test images")
@@ -23,6 +25,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chain-steps", type=int, default=None, help="shared-estimator training steps")
     p.add_argument("--module-steps", type=int, default=None, help="per-module fine-tuning steps (separate layout)")
     p.add_argument("--chain-batch", type=int, default=None, help="chain training batch size (default 128)")
+    p.add_argument("--prediction", choices=["epsilon", "v_prediction"], default=None,
+                   help="what the estimators output: the noise, or its velocity re-parameterisation")
 
 
 def _add_condense(p: argparse.ArgumentParser) -> None:
@@ -65,7 +69,7 @@ def demo_config(args):
     data = override(DataConfig(), data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed)
     ae = override(AutoencoderConfig(), steps=args.ae_steps)
     chain = override(ChainConfig(), T=args.T, layout=args.layout, shared_steps=args.chain_steps, module_steps=args.module_steps,
-                     batch_size=args.chain_batch)
+                     batch_size=args.chain_batch, prediction=args.prediction)
     cond = override(CondenseConfig(), selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
                     sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
                     ratio=getattr(args, "ratio", None), seed=args.seed)
@@ -321,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "cpu_precision", None):
+        from shared.device import CPU_PRECISION_ENV
+        os.environ[CPU_PRECISION_ENV] = args.cpu_precision       # env: reaches Flower's app processes too
     try:
         return args.fn(args)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:

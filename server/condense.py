@@ -82,7 +82,7 @@ def run_chain(cond_latents: torch.Tensor, first_encoder: FirstEncoder, second_en
     """cond_latents (B, T, c, s, s) -> (images (B, C, S, S), final latents (B, c, s, s))."""
     device = cond_latents.device
     B, T = cond_latents.shape[:2]
-    sched = make_scheduler(T, chain_cfg.beta_schedule, cfg.sampler, cfg.clip_latent)
+    sched = make_scheduler(T, chain_cfg.beta_schedule, cfg.sampler, cfg.clip_latent, chain_cfg.prediction)
     if cfg.noise_init == "random":
         factor = 2 ** len(first_encoder.config.channels)
         shape = (B, decoder.config.out_channels, *(factor * s for s in cond_latents.shape[-2:]))
@@ -96,9 +96,9 @@ def run_chain(cond_latents: torch.Tensor, first_encoder: FirstEncoder, second_en
     z = a_T.sqrt() * first_encoder(x_noise).reshape(eps.shape) + (1 - a_T).sqrt() * eps
     for k, t in enumerate(sched.timesteps.tolist()):            # k-th estimator applied <-> step t = T-1-k
         cond = second_encoder(cond_latents[:, k])
-        noise = estimators(z, t, cond)
-        z = sched.step(noise, t, z, generator=generator).prev_sample if cfg.sampler == "ddpm" \
-            else sched.step(noise, t, z, eta=0.0).prev_sample
+        pred = estimators(z, t, cond)                            # the noise (or its velocity form)
+        z = sched.step(pred, t, z, generator=generator).prev_sample if cfg.sampler == "ddpm" \
+            else sched.step(pred, t, z, eta=0.0).prev_sample
     return decoder(z).clamp(-1, 1), z
 
 

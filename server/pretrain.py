@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from shared.cache import cache_dir, to_jsonable
 from shared.config import AutoencoderConfig, ChainConfig
-from shared.device import autocast
+from shared.device import autocast, cpu_bf16_key
 from shared.models.first_encoder import Decoder, FirstEncoder
 from shared.models.noise_estimators import NoiseEstimators, make_scheduler
 from shared.models.second_encoder import SecondEncoder
@@ -51,7 +51,7 @@ def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torc
     bar = progress(_batches(len(images), cfg.batch_size, cfg.steps, cfg.seed), total=cfg.steps, desc="autoencoder", unit="step")
     for idx in bar:
         x = images[idx].to(device)
-        with autocast(device):
+        with autocast(device, cpu_bf16=True):
             mean, logvar = enc.moments(x)
             mean, logvar = mean.float(), logvar.float()
             z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
@@ -73,7 +73,7 @@ def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torc
 
 def load_or_train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torch.device) -> tuple[FirstEncoder, Decoder, dict]:
     """Returns (E1, D, info) with info['seconds'] = 0 on a cache hit."""
-    path = cache_dir("autoencoder", cfg, fingerprint(images))
+    path = cache_dir("autoencoder", cfg, fingerprint(images), *cpu_bf16_key(device))
     start = time.time()
     if not path.exists():
         enc, dec = train_autoencoder(images, cfg, device)
@@ -85,17 +85,19 @@ def load_or_train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, devi
 
 # ---------------------------------------------------------------- chain
 def _noise_loss(e2, estimators, sched, z0: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-    """Noise-prediction loss; `t` an int (one module) or per-sample steps (shared layout)."""
+    """Noise-prediction loss; `t` an int (one module) or per-sample steps (shared layout). The target
+    is the noise, or its velocity re-parameterisation when the scheduler says so (make_scheduler)."""
     eps = torch.randn_like(z0)
     steps = t if torch.is_tensor(t) else torch.full((len(z0),), t, dtype=torch.long, device=z0.device)
     z_t = sched.add_noise(z0, eps, steps)
+    target = sched.get_velocity(z0, eps, steps) if sched.config.prediction_type == "v_prediction" else eps
     with autocast(z0.device):
         cond = e2(z0)
         if torch.is_tensor(t):
             pred = estimators.estimators[0](z_t, steps, encoder_hidden_states=cond).sample
         else:
             pred = estimators(z_t, t, cond)
-    return F.mse_loss(pred.float(), eps)
+    return F.mse_loss(pred.float(), target)
 
 
 def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators]:
@@ -103,7 +105,7 @@ def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) 
     c, s = latents.shape[1], latents.shape[-1]
     e2 = SecondEncoder(c, cfg.second_encoder_channels, cfg.condition_tokens, cfg.cross_attention_dim).to(device)
     est = NoiseEstimators(cfg.T, "shared", c, s, cfg.unet_channels, cfg.cross_attention_dim).to(device)
-    sched = make_scheduler(cfg.T, cfg.beta_schedule, "ddpm")
+    sched = make_scheduler(cfg.T, cfg.beta_schedule, "ddpm", prediction=cfg.prediction)
     opt = torch.optim.AdamW([*e2.parameters(), *est.parameters()], lr=cfg.lr)
     lr = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(cfg.shared_steps, 1), pct_start=0.05)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -127,7 +129,7 @@ def finetune_separate(latents: torch.Tensor, cfg: ChainConfig, e2: SecondEncoder
     """
     est = NoiseEstimators(cfg.T, "separate", latents.shape[1], latents.shape[-1], cfg.unet_channels,
                           cfg.cross_attention_dim).to(device)
-    sched = make_scheduler(cfg.T, cfg.beta_schedule, "ddpm")
+    sched = make_scheduler(cfg.T, cfg.beta_schedule, "ddpm", prediction=cfg.prediction)
     e2.requires_grad_(False)
     batches = _batches(len(latents), cfg.batch_size, cfg.T * cfg.module_steps, cfg.seed + 2)
     bar = progress(total=cfg.T * cfg.module_steps, desc="chain (separate)", unit="step")

@@ -50,7 +50,7 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x = images[idx].to(device)
         draws = gen.get_state()
-        with autocast(device):
+        with autocast(device, cpu_bf16=True):
             inp = LossInputs(model(augment(x, 1.0, gen)).float(), targets[idx].to(device))
             if teacher is not None:
                 with torch.no_grad():
@@ -86,7 +86,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
     model.eval()
     correct = 0
     for lo in range(0, len(images), batch_size):
-        logits = model(images[lo:lo + batch_size].to(device))
+        with autocast(device, cpu_bf16=True):
+            logits = model(images[lo:lo + batch_size].to(device))
         correct += int((logits.argmax(1).cpu() == labels[lo:lo + batch_size]).sum())
     return correct / max(len(images), 1)
 

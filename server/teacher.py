@@ -18,7 +18,7 @@ from server.pretrain import fingerprint
 from shared.cache import cache_dir
 from shared.models.first_encoder import FirstEncoder
 from shared.models.second_encoder import SecondEncoder
-from shared.device import autocast
+from shared.device import autocast, cpu_bf16_key
 from shared.progress import progress
 
 
@@ -58,7 +58,7 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
         idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
         z = latents[idx].to(device)
         z = z + noise * torch.randn(z.shape, generator=gen).to(device)
-        with autocast(device):
+        with autocast(device, cpu_bf16=True):
             logits = teacher.classify_latents(z)
         loss = F.cross_entropy(logits.float(), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
@@ -72,7 +72,8 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
 def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
                           device: torch.device, steps: int) -> tuple[Teacher, dict]:
     path = cache_dir("teacher", fingerprint(latents), fingerprint(labels.float()), steps,
-                     fingerprint(torch.cat([p.flatten() for p in models["second_encoder"].parameters()])))
+                     fingerprint(torch.cat([p.flatten() for p in models["second_encoder"].parameters()])),
+                     *cpu_bf16_key(device))
     teacher = Teacher(models["first_encoder"], models["second_encoder"], num_classes).to(device)
     if (path / "teacher.pt").exists():
         teacher.load_state_dict(torch.load(path / "teacher.pt", map_location=device))

@@ -37,6 +37,7 @@ class ChainConfig:
     T: int = 20
     layout: str = "separate"                # 'separate': T modules (claim 2); 'shared': one module + t embedding
     beta_schedule: str = "squaredcos_cap_v2"
+    prediction: str = "epsilon"             # estimator output: 'epsilon' (the noise) | 'v_prediction' (velocity)
     unet_channels: tuple[int, int] = (32, 64)
     cross_attention_dim: int = 64
     condition_tokens: int = 4               # E2 output: tokens x cross_attention_dim

@@ -49,14 +49,25 @@ class NoiseEstimators(ModelMixin, ConfigMixin):
         return self.estimator(t)(z_t, steps, encoder_hidden_states=cond).sample
 
 
-def make_scheduler(T: int, beta_schedule: str, sampler: str = "ddpm", clip_range: float | None = None):
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def make_scheduler(T: int, beta_schedule: str, sampler: str = "ddpm", clip_range: float | None = None,
+                   prediction: str = "epsilon"):
     """DDPM for training/ancestral sampling, DDIM (eta 0) for deterministic sampling; T train steps.
+
+    `prediction`: what the estimators output. 'epsilon' is the noise itself (SPEC §1). **Reading:**
+    'v_prediction' outputs the velocity v = sqrt(a_bar) eps - sqrt(1 - a_bar) z_0, an invertible
+    re-parameterisation of the same noise estimate (eps = sqrt(a_bar) v + sqrt(1 - a_bar) z_t); it
+    stays well conditioned at the highest noise levels, where a short chain sets each image's shape.
 
     `clip_range`: clip the predicted z_0 to [-r, r] while sampling. Needed because the cosine
     schedule's last step has a_bar ~ 1e-5, where z_0 = (z - sqrt(1 - a_bar) eps) / sqrt(a_bar) would
     amplify the estimator's error ~300x.
     """
-    kwargs = dict(num_train_timesteps=T, beta_schedule=beta_schedule, prediction_type="epsilon",
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction '{prediction}'; choose one of {PREDICTIONS}")
+    kwargs = dict(num_train_timesteps=T, beta_schedule=beta_schedule, prediction_type=prediction,
                   clip_sample=clip_range is not None, clip_sample_range=clip_range or 1.0)
     if sampler == "ddpm":
         sched = DDPMScheduler(**kwargs)

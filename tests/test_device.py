@@ -1,0 +1,54 @@
+"""Mixed precision on CPUs: the choice, its cache keys, and that bf16 conv nets agree with fp32."""
+import os
+
+import pytest
+import torch
+
+from shared.device import CPU_PRECISION_ENV, autocast, cpu_bf16_key, device_name
+from shared.models.students import build_student
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def precision(monkeypatch):
+    return lambda value: monkeypatch.setenv(CPU_PRECISION_ENV, value)
+
+
+def test_cpu_precision_choice(precision):
+    precision("bf16")
+    with autocast(CPU, cpu_bf16=True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast(CPU):                          # callers that did not opt in (the chain's UNets) stay fp32
+        assert not torch.is_autocast_enabled("cpu")
+    assert cpu_bf16_key(CPU) == ("cpu-bf16",) and "bf16" in device_name(CPU)
+    precision("fp32")
+    with autocast(CPU, cpu_bf16=True):
+        assert not torch.is_autocast_enabled("cpu")
+    assert cpu_bf16_key(CPU) == () and "bf16" not in device_name(CPU)
+    precision("half")
+    with pytest.raises(ValueError, match=CPU_PRECISION_ENV):
+        autocast(CPU, cpu_bf16=True)
+
+
+def test_bf16_convnet_agrees_with_fp32(precision):
+    """The evaluator's logits under CPU bf16 stay close to fp32 and pick the same classes."""
+    precision("bf16")
+    torch.manual_seed(0)
+    model = build_student("convnet3", 1, 10, 32).eval()
+    x = torch.rand(64, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref = model(x)
+        with autocast(CPU, cpu_bf16=True):
+            low = model(x).float()
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (low.argmax(1) == ref.argmax(1)).float().mean() > 0.9
+
+
+def test_cli_flag_sets_the_precision_for_every_process(monkeypatch, tmp_path):
+    from server.cli import main
+    monkeypatch.delenv(CPU_PRECISION_ENV, raising=False)
+    code = main(["condense", "--out", str(tmp_path), "--cpu-precision", "fp32", "--data-dir", str(tmp_path / "none")])
+    assert code == 2                              # no data there: a clear error, after the flag took effect
+    assert os.environ[CPU_PRECISION_ENV] == "fp32"
