@@ -300,8 +300,9 @@ def missing_cells(doc: dict) -> list[str]:
         have[(r["arm"], r["ipc"])] = have.get((r["arm"], r["ipc"]), 0) + 1
     grid = [(a, None) if a == "full_real" else (a, i) for a in cfg["arms"] for i in
             ([None] if a == "full_real" else cfg["ipcs"])]
-    return [f"{a} IPC {i} ({have.get((a, i), 0)}/{len(cfg['seeds'])} seeds)" if i else f"{a} ({have.get((a, i), 0)}/"
-            f"{len(cfg['seeds'])} seeds)" for a, i in grid if have.get((a, i), 0) < len(cfg["seeds"])]
+    seeds = len(cfg["seeds"])
+    return [f"{a}{f' IPC {i}' if i else ''} ({have.get((a, i), 0)}/{seeds} seeds)"
+            for a, i in grid if have.get((a, i), 0) < seeds]
 
 
 def markdown_table(doc: dict) -> str:
