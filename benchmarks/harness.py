@@ -33,7 +33,8 @@ from shared.device import device_name, gpu_peak_mb, resolve_device
 from shared.sealing import encode_payload, raw_public, seal
 
 
-ARMS = ("ours", "ours_t10", "ours_random", "ours_cluster", "ours_shared", "random_real", "dm", "full_real")
+ARMS = ("ours", "ours_t10", "ours_random", "ours_one_to_one", "ours_cluster", "ours_shared", "random_real", "dm",
+        "full_real")
 
 
 @dataclass
@@ -82,7 +83,7 @@ class PeakRSS:
         self.gpu_mb = gpu_peak_mb(self.device) - self.gpu_base
 
 
-OURS_SELECTION = {"ours_random": "random", "ours_cluster": "cluster"}   # 'ours' / 'ours_shared': the default rule
+OURS_SELECTION = {"ours_random": "random", "ours_one_to_one": "one-to-one", "ours_cluster": "cluster"}   # else the default
 
 
 def make_set(arm, ipc, seed, ctx) -> dict:
@@ -127,7 +128,7 @@ def scaling(ctx) -> dict:
     rows = []
     for n in ctx["cfg"].scaling_sizes:
         n = n or len(pool)
-        ccfg = CondenseConfig(ipc=None, max_coverage=True, seed=0)
+        ccfg = CondenseConfig(ipc=None, max_coverage=True, selection="one-to-one", seed=0)
         part = pool.subset(torch.arange(n))
         syn = condense(part.images, part.labels, part.ids, ds.num_classes, models, chain_cfg, ccfg, dev)
         rows.append({"real_latents": n, "synthetic_images": len(syn), "seconds": syn.meta["seconds"],
@@ -149,8 +150,9 @@ def prepare(cfg: BenchConfig) -> dict:
     pool = ImageSplit(encode_images(e1, ds.private.images, device=dev), ds.private.labels, ds.private.ids)
     models, pretrain = {}, {"autoencoder_s": ae_info["seconds"]}
     bundle = lambda e2, est: {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
-    for arm, chain_cfg in (("ours", cfg.chain), ("ours_random", cfg.chain), ("ours_cluster", cfg.chain),
-                           ("ours_shared", replace(cfg.chain, layout="shared")), ("ours_t10", replace(cfg.chain, T=10))):
+    variants = [(arm, cfg.chain) for arm in ("ours", "ours_random", "ours_one_to_one", "ours_cluster")]
+    variants += [("ours_shared", replace(cfg.chain, layout="shared")), ("ours_t10", replace(cfg.chain, T=10))]
+    for arm, chain_cfg in variants:
         if arm in cfg.arms or arm == "ours":
             e2, est, info = load_or_train_chain(pool.images, chain_cfg, dev)
             pretrain.setdefault(f"chain_T{chain_cfg.T}_{chain_cfg.layout}_s", info["seconds"])   # the first load trains

@@ -73,8 +73,8 @@ def demo_config(args):
     cond = override(CondenseConfig(), selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
                     sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
                     ratio=getattr(args, "ratio", None), seed=args.seed)
-    if getattr(args, "max_coverage", False):
-        cond = replace(cond, max_coverage=True, ipc=None)
+    if getattr(args, "max_coverage", False):     # every latent exactly once: claims 4 and 7's one-to-one rule
+        cond = replace(cond, max_coverage=True, ipc=None, selection=getattr(args, "selection", None) or "one-to-one")
     student = override(StudentConfig(), model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),
                        full_epochs=getattr(args, "full_epochs", None), seed=args.seed,
                        loss=getattr(args, "student_loss", None), teacher_steps=getattr(args, "teacher_steps", None))
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--arms", nargs="+", default=None,
-                   help="subset of: ours ours_t10 ours_random ours_cluster ours_shared random_real dm full_real")
+                   help="subset of: ours ours_t10 ours_random ours_one_to_one ours_cluster ours_shared random_real dm full_real")
     p.add_argument("--dm-iterations", type=int, default=None, help="DM optimisation steps (default: the scale's)")
     p.add_argument("--full-steps", type=int, default=None, help="student steps of the full-data arm (default: the scale's)")
     p.add_argument("--scaling-T", type=int, nargs="+", default=None,

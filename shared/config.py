@@ -40,7 +40,7 @@ class ChainConfig:
     prediction: str = "epsilon"             # estimator output: 'epsilon' (the noise) | 'v_prediction' (velocity)
     unet_channels: tuple[int, int] = (32, 64)
     cross_attention_dim: int = 64
-    condition_tokens: int = 4               # E2 output: tokens x cross_attention_dim
+    condition_tokens: int = 16              # E2 output: tokens (a square grid) x cross_attention_dim
     second_encoder_channels: int = 128
     shared_steps: int = 900                 # joint training of the shared estimator (warm start)
     module_steps: int = 15                  # per-module fine-tuning steps in the separate layout
@@ -55,7 +55,7 @@ class CondenseConfig:
     ipc: Optional[int] = 10                 # synthetic images per class; or use `ratio`
     ratio: Optional[float] = None           # synthetic/real image count; 1/T with max_coverage
     max_coverage: bool = False              # every real latent conditions exactly one synthetic image
-    selection: str = "one-to-one"           # 'random' (claim 3) | 'one-to-one' (claims 4, 7)
+    selection: str = "cluster"              # 'random' (claim 3) | 'one-to-one' (claims 4, 7) | 'cluster' (4 + similar groups)
     class_plan: str = "pure"                # 'pure': one class per image | 'mixed': soft labels n_c/T
     sampler: str = "ddim"                   # 'ddim' | 'ddpm'
     noise_init: str = "random"              # 'random' noise image | 'preset': mean of conditioning images

@@ -27,7 +27,8 @@ def test_tiny_demo_report(tiny_run, capsys):
     for key in ("dataset", "T", "selection", "class_plan", "synthetic_images", "real_images_used", "device"):
         assert key in report
     assert report["dataset"] == "fashion-mnist" and report["T"] == 5 and report["mode"] == "single-machine"
-    assert report["synthetic_images"] == 40 and report["real_images_used"] == 200, "one-to-one: 40 x T=5 latents"
+    assert report["synthetic_images"] == 40 and report["real_images_used"] == 200, "disjoint groups: 40 x T=5 latents"
+    assert report["selection"] == "cluster", "the default rule"
     for k in ("synthetic", "random_real", "full_real"):
         assert 0.0 <= report["accuracy"][k] <= 1.0
     for k in ("pretrain", "condense", "student"):

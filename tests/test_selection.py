@@ -105,12 +105,24 @@ def test_cluster_rule_orders_the_nearest_latent_last():
         assert d[-1] <= np.median(d), "the latent conditioning the last estimator is among the most central"
 
 
-def test_cluster_rule_needs_latents_and_enough_of_them():
+def test_cluster_rule_needs_latents_and_one_per_image():
     latents, labels, _ = _blobs()
     with pytest.raises(ValueError, match="needs the latents"):
         plan_and_select(labels, CondenseConfig(ipc=3, selection="cluster"), 20, seed=0)
     with pytest.raises(ValueError, match="lower the budget"):
-        plan_and_select(labels, CondenseConfig(ipc=4, selection="cluster"), 20, seed=0, latents=latents)
+        plan_and_select(labels, CondenseConfig(ipc=61, selection="cluster"), 20, seed=0, latents=latents)
+
+
+def test_cluster_rule_reuses_latents_only_when_the_budget_needs_more_than_there_are():
+    """60 latents per class, 4 images x T=20 per class: every latent is used, 20 per class twice,
+    and no image repeats a latent; with T above the class size an image repeats its nearest ones."""
+    latents, labels, _ = _blobs()
+    sel = plan_and_select(labels, CondenseConfig(ipc=4, selection="cluster"), 20, seed=0, latents=latents)
+    assert sel.shape == (16, 20) and len(np.unique(sel)) == len(labels)
+    assert all(len(set(row)) == 20 for row in sel)
+    assert all(len(set(labels[row])) == 1 for row in sel), "pure plan: one class per image"
+    sel = plan_and_select(labels, CondenseConfig(ipc=1, selection="cluster"), 80, seed=0, latents=latents)
+    assert sel.shape == (4, 80) and all(len(set(row)) == 60 for row in sel)
 
 
 def test_canonical_pool_ignores_arrival_order_and_keeps_provenance():
@@ -126,3 +138,15 @@ def test_canonical_pool_ignores_arrival_order_and_keeps_provenance():
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.ids, b.ids)
     assert (a.labels[1:] >= a.labels[:-1]).all()
     assert torch.equal(a.images, z.half().float()[a.ids // 7]), "each latent keeps its id (at fp16, the wire precision)"
+
+
+def test_cli_max_coverage_uses_one_to_one_unless_told_otherwise():
+    """The default rule is `cluster`, which cannot cover every latent; --max-coverage switches to
+    claims 4/7's `one-to-one`, and an explicit incompatible rule is still refused with the reason."""
+    from server.cli import build_parser, demo_config
+    cfg = demo_config(build_parser().parse_args(["condense", "--out", "x", "--max-coverage"])).condense
+    assert cfg.max_coverage and cfg.selection == "one-to-one" and cfg.ipc is None
+    assert demo_config(build_parser().parse_args(["condense", "--out", "x"])).condense.selection == "cluster"
+    cfg = demo_config(build_parser().parse_args(["condense", "--out", "x", "--max-coverage", "--selection", "random"])).condense
+    with pytest.raises(ValueError, match="max_coverage needs selection 'one-to-one'"):
+        plan_and_select(LABELS, cfg, 20, seed=0)
