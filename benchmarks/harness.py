@@ -150,7 +150,7 @@ def prepare(cfg: BenchConfig) -> dict:
     pool = ImageSplit(encode_images(e1, ds.private.images, device=dev), ds.private.labels, ds.private.ids)
     models, pretrain = {}, {"autoencoder_s": ae_info["seconds"]}
     bundle = lambda e2, est: {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
-    variants = [(arm, cfg.chain) for arm in ("ours", "ours_random", "ours_one_to_one", "ours_cluster")]
+    variants = [(arm, cfg.chain) for arm in ("ours", *OURS_SELECTION)]          # same chain, other rules
     variants += [("ours_shared", replace(cfg.chain, layout="shared")), ("ours_t10", replace(cfg.chain, T=10))]
     for arm, chain_cfg in variants:
         if arm in cfg.arms or arm == "ours":
