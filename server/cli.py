@@ -46,7 +46,7 @@ def _add_student(p: argparse.ArgumentParser) -> None:
 
 def _add_teacher(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-loss", default=None,
-                   help="every student arm's loss (default soft_ce:1,kd:1); any term but soft_ce uses the server's teacher")
+                   help="every student arm's loss (default soft_ce:0.25,kd:1); any term but soft_ce uses the server's teacher")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps on the pooled latents")
 
 

@@ -99,10 +99,13 @@ class DKD(nn.Module):
 class MutualInformationPrior(nn.Module):
     """Negative mutual information with a learnable student prior (SPEC §2).
 
+    The teacher sees a weak augmentation of the student's image (`teacher_view = 0.5`), as §2 asks.
     P1 = sum_n s_n t_n^T, P = sym(P1) / sum; p_s = softmax(sum_g (m_g + d_g * a_g)), a_g ~ N(0, 1) fixed
     at initialisation, m and d learnable. **Reading:** the prior is normalised with softmax.
     L = -sum_ij P_ij (log P_ij - log p_s_i - log p_t_j), p_t the teacher marginal of P.
     """
+
+    teacher_view = 0.5
 
     def __init__(self, num_classes: int, groups: int = 1, temperature: float = 1.0, **_):
         super().__init__()
@@ -186,6 +189,17 @@ def build_losses(spec: str, num_classes: int, **context) -> list[tuple[nn.Module
     goes to every factory."""
     _register_extensions()
     return [(LOSSES[name](num_classes, **context), w) for name, w in parse_loss_spec(spec)]
+
+
+def teacher_view_strength(spec: str, override: float | None = None) -> float:
+    """The teacher's augmentation strength relative to the student's: `override` when set, else the
+    weakest view any term of `spec` asks for (a class attribute `teacher_view`; SPEC §2's MI loss: 0.5),
+    else 1.0 - plain logit KD labels exactly the view the student trains on."""
+    if override is not None:
+        if not 0 <= override <= 1:
+            raise ValueError(f"teacher_strength must be in [0, 1] (0: no augmentation, 1: the student's), got {override}")
+        return float(override)
+    return min((getattr(LOSSES[name], "teacher_view", 1.0) for name, _ in parse_loss_spec(spec)), default=1.0)
 
 
 def _register_extensions() -> None:

@@ -15,6 +15,7 @@ import torch
 
 from client.encode import encode_images
 from server.condense import SyntheticSet, condense
+from server.losses import teacher_view_strength
 from server.pretrain import load_or_train_autoencoder, load_or_train_chain
 from server.student import evaluate, fit_and_score, one_hot
 from server.teacher import load_or_train_teacher, needs_teacher
@@ -155,6 +156,7 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
         "accuracy": {"synthetic": acc(main, "synthetic"), "random_real": acc(main, "random_real"),
                      "full_real": full["accuracy"] if full else None},
         "student_loss": cfg.student.loss, "teacher": info.get("teacher"),
+        "teacher_view": teacher_view_strength(cfg.student.loss, cfg.student.teacher_strength) if info.get("teacher") else None,
         "seconds": {"pretrain": info["pretrain"], "encode": info.get("encode"),
                     "teacher": (info.get("teacher") or {}).get("seconds", 0.0),
                     "collect": info.get("federation", {}).get("collect_seconds"),

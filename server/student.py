@@ -1,7 +1,8 @@
 """Train a student on any labelled image set and evaluate it on the real test set (issue 2 §5).
 
 One recipe for every arm (synthetic, random real, full real): SGD with momentum, cosine schedule,
-DSA-style augmentation, soft cross-entropy (hard labels are one-hot soft labels).
+DSA-style augmentation, soft cross-entropy (hard labels are one-hot soft labels) and, by default, KD from
+the server's teacher on the same augmented view (`StudentConfig.loss`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from server.losses import LossInputs, build_losses
+from server.losses import LossInputs, build_losses, teacher_view_strength
 from shared.augment import AUGMENTATIONS
 from shared.config import StudentConfig
 from shared.device import autocast
@@ -25,9 +26,9 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
                   teacher: nn.Module | None = None) -> nn.Module:
     """`targets`: (N, K) soft labels. Trains for `steps` (default cfg.steps) minibatch steps.
 
-    With a `teacher`, each batch is augmented twice from the same random draws: weakly for the
-    teacher, strongly (same kind, larger magnitude) for the student (SPEC §2); the teacher's logits
-    and both networks' distillation-point features reach the losses.
+    With a `teacher`, each batch is augmented twice from the same random draws: for the student, and
+    for the teacher at `teacher_view_strength` of its magnitude (1: the same view; SPEC §2's MI loss:
+    a weaker one); the teacher's logits and both networks' distillation-point features reach the losses.
     """
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} labels")
@@ -44,6 +45,7 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     augment = AUGMENTATIONS[cfg.augment]
+    teacher_strength = teacher_view_strength(loss, cfg.teacher_strength)
     batch = min(cfg.batch_size, len(images))
     model.train()
     for step in progress(range(steps), desc=desc, unit="step"):
@@ -54,7 +56,7 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
             inp = LossInputs(model(augment(x, 1.0, gen)).float(), targets[idx].to(device))
             if teacher is not None:
                 with torch.no_grad():
-                    inp.teacher_logits = teacher(augment(x, cfg.teacher_strength, torch.Generator().set_state(draws))).float()
+                    inp.teacher_logits = teacher(augment(x, teacher_strength, torch.Generator().set_state(draws))).float()
                 inp.student_features, inp.teacher_features = taps[0].value, taps[1].value
             total = sum(w * module(inp) for module, w in terms)
         if not torch.isfinite(total):

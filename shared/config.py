@@ -74,9 +74,9 @@ class StudentConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: str = "dsa"                    # differentiable siamese-style augmentation | 'none'
-    loss: str = "soft_ce:1,kd:1"            # loss spec (server/losses.py); any term but soft_ce uses the teacher
+    loss: str = "soft_ce:0.25,kd:1"         # loss spec (server/losses.py); any term but soft_ce uses the teacher
     teacher_steps: int = 300                # the server's teacher, trained on the pooled latents (server/teacher.py)
-    teacher_strength: float = 0.5           # the teacher's (weak) augmentation relative to the student's
+    teacher_strength: Optional[float] = None  # teacher's augmentation relative to the student's; None: the loss decides
     full_epochs: float = 0.3                # the full-real upper bound trains by epochs (0.3 ~ 63 steps at demo scale)
     seed: int = 0
 

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from server.cli import main
+from shared.config import StudentConfig
 
 # Same data and chain settings as tests/test_demo_e2e.py: the chain comes from the session cache.
 TINY = ["--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "60", "--chain-steps", "40",
@@ -30,7 +31,7 @@ def test_bench_smoke(tmp_path):
     assert main(["bench-table", str(files[0]), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and "| dm | 1 |" in text and text.endswith("rest\n")
-    assert doc["student_loss"] == "soft_ce:1,kd:1" and 0 <= doc["teacher"]["accuracy"] <= 1, "arms share the KD recipe"
+    assert doc["student_loss"] == StudentConfig.loss and 0 <= doc["teacher"]["accuracy"] <= 1, "arms share the KD recipe"
     check_merge(files[0], tmp_path)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from server.cli import main
 from server.condense import SyntheticSet
+from shared.config import StudentConfig
 
 TINY = ["--local", "--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "60", "--chain-steps", "40",
         "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "100", "--full-epochs", "0.5", "--teacher-steps", "30",
@@ -34,7 +35,8 @@ def test_tiny_demo_report(tiny_run, capsys):
     for k in ("pretrain", "condense", "student"):
         assert report["seconds"][k] >= 0
     assert report["accuracy"]["random_real"] > 0.3, "the shared student recipe learns from 40 real images"
-    assert report["student_loss"] == "soft_ce:1,kd:1", "the demo's students distil from the server's teacher"
+    assert report["student_loss"] == StudentConfig.loss, "the demo's students distil from the server's teacher"
+    assert report["teacher_view"] == 1.0, "plain KD: the teacher labels the view the student trains on"
     assert 0.3 < report["teacher"]["accuracy"] <= 1 and report["teacher"]["steps"] == 30
     syn = SyntheticSet.load(tiny_run / "ipc4")
     assert torch.isfinite(syn.images).all() and syn.images.abs().max() <= 1

@@ -75,3 +75,39 @@ def test_only_teacher_based_loss_specs_train_a_teacher():
     assert needs_teacher("soft_ce:1,kd:1") and needs_teacher("dkd") and needs_teacher("channel_sparse")
     with pytest.raises(KeyError, match="unknown loss"):
         needs_teacher("soft_ce,kdd")
+
+
+def test_teacher_view_follows_the_loss_unless_set():
+    """Plain KD labels the student's own view; SPEC §2's MI loss asks for a weak one; an override wins."""
+    from server.losses import teacher_view_strength
+    assert teacher_view_strength("soft_ce:0.25,kd:1") == 1.0 and teacher_view_strength("dkd") == 1.0
+    assert teacher_view_strength("soft_ce:1,mi_prior:1") == 0.5
+    assert teacher_view_strength("kd", 0.3) == 0.3
+    with pytest.raises(ValueError, match=r"teacher_strength must be in \[0, 1\]"):
+        teacher_view_strength("kd", 1.5)
+
+
+@pytest.mark.parametrize("spec, same_view", [("soft_ce:0.25,kd:1", True), ("soft_ce:1,mi_prior:1", False)])
+def test_teacher_sees_the_view_its_loss_asks_for(setup, spec, same_view, monkeypatch):
+    """What reaches the teacher in training: the student's exact input for KD, a different one for MI."""
+    import server.student as student_module
+    ds, teacher = setup
+    seen, hooks = {}, []
+    record = lambda key: (lambda module, args: seen.__setitem__(key, args[0].detach().clone()))
+    build = student_module.build_student
+
+    def build_and_record(*args, **kwargs):
+        model = build(*args, **kwargs)
+        hooks.append(model.register_forward_pre_hook(record("student")))
+        return model
+    monkeypatch.setattr(student_module, "build_student", build_and_record)
+    hooks.append(teacher.register_forward_pre_hook(record("teacher")))
+    x, y = ds.private.images[:64], torch.nn.functional.one_hot(ds.private.labels[:64], 10).float()
+    try:
+        train_student(x, y, StudentConfig(model="convnet3_w32", steps=1, batch_size=32), torch.device("cpu"),
+                      loss=spec, teacher=teacher)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen["teacher"].shape == seen["student"].shape == (32, 1, 32, 32)
+    assert torch.equal(seen["teacher"], seen["student"]) == same_view
