@@ -100,8 +100,8 @@ def select_cluster(labels: np.ndarray, image_classes: list[np.ndarray], T: int, 
     disjoint as long as latents last and the rest is filled with the nearest latents already used
     (`reuse_count` in the manifest), like `one-to-one` reshuffling its queue.
 
-    The default rule: with 16 E2 tokens it measured 75.0 % (3 seeds) against 74.0 % for `one-to-one`
-    at IPC 10 (docs/results.md, session 6); a blend of T unrelated images comes out as a class average.
+    The default rule: at IPC 10 it measured 79.2 % (3 seeds) against 78.7 % for `one-to-one` (bench,
+    docs/results.md, session 7); a blend of T unrelated images comes out as a class average.
     """
     if latents is None:
         raise ValueError("selection 'cluster' needs the latents (plan_and_select(..., latents=...))")
