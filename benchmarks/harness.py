@@ -122,12 +122,17 @@ def client_costs(e1, ds) -> dict:
             "raw_bytes_per_image": ds.raw_bytes_per_image}
 
 
+def scaling_sizes(sizes, pool_size: int) -> list[int]:
+    """The pool sizes of the scaling curve: 0 means the whole pool; sizes beyond the pool (a run with
+    --train-limit) are cut to it, and repeats dropped."""
+    return sorted({min(n or pool_size, pool_size) for n in sizes})
+
+
 def scaling(ctx) -> dict:
     ds, pool, dev = ctx["ds"], ctx["pool"], ctx["device"]
     models, chain_cfg = ctx["models"]["ours"]
     rows = []
-    for n in ctx["cfg"].scaling_sizes:
-        n = n or len(pool)
+    for n in scaling_sizes(ctx["cfg"].scaling_sizes, len(pool)):
         ccfg = CondenseConfig(ipc=None, max_coverage=True, selection="one-to-one", seed=0)
         part = pool.subset(torch.arange(n))
         syn = condense(part.images, part.labels, part.ids, ds.num_classes, models, chain_cfg, ccfg, dev)

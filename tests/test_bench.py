@@ -59,3 +59,12 @@ def check_merge(first, tmp_path):
 def test_bench_rejects_unknown_arms_before_any_work(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path), "--scale", "smoke", "--arms", "ours", "dn", *TINY]) == 2
     assert "unknown bench arm(s) ['dn']" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_scaling_sizes_cut_to_the_pool():
+    """`--scale full` with `--train-limit` asks for pool sizes beyond the pool: they are cut to it
+    (this once crashed the scaling curve with an IndexError)."""
+    from benchmarks.harness import scaling_sizes
+    assert scaling_sizes((1000, 5000, 20000, 0), 600) == [600]
+    assert scaling_sizes((1000, 5000, 20000, 0), 54000) == [1000, 5000, 20000, 54000]
+    assert scaling_sizes((200, 0), 1500) == [200, 1500]
