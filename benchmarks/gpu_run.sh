@@ -7,6 +7,8 @@
 #   2. the demo pipeline on one machine (`demo --local`; the federation itself runs on CPUs);
 #   3. the same grid cell (IPC 10) with the autoencoder and chain trained 5-7x longer;
 #   4. IPC 10 with 5x the student steps, to see whether the gap to random real closes with training.
+# On an H200 (session 8) the default limits were too short: stage 1 finished IPC 10 and 1 in its 300 s, and
+# stage 3 needs about 8 minutes. Raise LIMIT1..LIMIT4 where the lease allows.
 set -u
 OUT=${1:?usage: gpu_run.sh OUT [DATA_DIR]}
 DATA=${2:-/usr/share/datasets/fashion-mnist}
