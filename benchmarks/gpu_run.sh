@@ -14,6 +14,7 @@ OUT=${1:?usage: gpu_run.sh OUT [DATA_DIR]}
 DATA=${2:-/usr/share/datasets/fashion-mnist}
 PY=${PY:-python3}
 EXTRA=${EXTRA:-}
+DEV=${DEVICE:-cuda}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FEDCONDENSE_PROGRESS=0
 export FEDCONDENSE_CACHE=${FEDCONDENSE_CACHE:-/tmp/fedcondense-gpu-cache}
 mkdir -p "$OUT"
@@ -28,11 +29,11 @@ stage() {  # stage LIMIT_S CMD...: runs CMD under a time limit and logs its exit
   timeout "$limit" "$@"
   echo "== rc=$? wall=$((SECONDS - t0))s"
 }
-BENCH=($PY -m server.cli bench --device "${DEVICE:-cuda}" --data-dir "$DATA" --scale full)
+BENCH=($PY -m server.cli bench --device "$DEV" --data-dir "$DATA" --scale full)
 
 stage "${LIMIT1:-300}" "${BENCH[@]}" --out "$OUT/grid" --ipc 10 1 50 --seeds 0 1 2 --dm-iterations 20 --full-steps 200 \
   --arms ours ours_t10 ours_random ours_one_to_one ours_shared random_real dm full_real $EXTRA
-stage "${LIMIT2:-50}" $PY -m server.cli demo --local --device "${DEVICE:-cuda}" --data-dir "$DATA" \
+stage "${LIMIT2:-50}" $PY -m server.cli demo --local --device "$DEV" --data-dir "$DATA" \
   --out /tmp/fedcondense-gpu-demo $EXTRA
 cp /tmp/fedcondense-gpu-demo/report.json "$OUT/demo-report.json"
 stage "${LIMIT3:-120}" "${BENCH[@]}" --out "$OUT/longer-pretrain" --ipc 10 --seeds 0 1 2 --arms ours random_real \

@@ -132,8 +132,8 @@ def scaling(ctx) -> dict:
     ds, pool, dev = ctx["ds"], ctx["pool"], ctx["device"]
     models, chain_cfg = ctx["models"]["ours"]
     rows = []
+    ccfg = CondenseConfig(ipc=None, max_coverage=True, selection="one-to-one", seed=0)
     for n in scaling_sizes(ctx["cfg"].scaling_sizes, len(pool)):
-        ccfg = CondenseConfig(ipc=None, max_coverage=True, selection="one-to-one", seed=0)
         part = pool.subset(torch.arange(n))
         syn = condense(part.images, part.labels, part.ids, ds.num_classes, models, chain_cfg, ccfg, dev)
         rows.append({"real_latents": n, "synthetic_images": len(syn), "seconds": syn.meta["seconds"],

@@ -68,7 +68,7 @@ class CondenseConfig:
 class StudentConfig:
     """Student training on any image set; the same recipe for every arm (issue 2 §5)."""
     model: str = "convnet3"
-    steps: int = 200                        # ~80 s per arm on 2 CPU cores (ConvNet-3, batch <= 256)
+    steps: int = 200                        # ~45 s per IPC-10 arm on 2 CPU cores (ConvNet-3, bf16; demo, session 8)
     batch_size: int = 256
     lr: float = 0.02                        # the random-real baseline's best of 0.01-0.05 (docs/results.md, session 8)
     momentum: float = 0.9
