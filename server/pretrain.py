@@ -68,7 +68,34 @@ def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torc
         scale = 1.0 / latents.std()
     enc.scaling_factor.fill_(scale)
     dec.scaling_factor.fill_(scale)
-    return enc.eval(), dec.eval()
+    finetune_decoder(enc.eval(), dec, images, cfg, device)
+    return enc, dec.eval()
+
+
+def finetune_decoder(enc: FirstEncoder, dec: Decoder, images: torch.Tensor, cfg: AutoencoderConfig,
+                     device: torch.device) -> None:
+    """Decoder-only training with E1 frozen, `cfg.decoder_finetune` steps per joint step (as Stable
+    Diffusion's ft-MSE VAE decoder): the latents, hence the chain and teacher, stay as they are, and the
+    decoder that turns every synthetic latent into pixels reconstructs better."""
+    steps = round(cfg.decoder_finetune * cfg.steps)
+    if steps < 1:
+        return
+    opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
+    bar = progress(_batches(len(images), cfg.batch_size, steps, cfg.seed + 1), total=steps, desc="decoder", unit="step")
+    dec.train()
+    for idx in bar:
+        x = images[idx].to(device)
+        with torch.no_grad(), autocast(device, cpu_bf16=True):
+            mean, logvar = enc.moments(x)
+        z = (mean.float() + torch.randn_like(mean.float()) * (0.5 * logvar.float()).exp()) * enc.scaling_factor
+        with autocast(device, cpu_bf16=True):
+            loss = F.mse_loss(dec(z).float(), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(mse=f"{loss.item():.4f}", refresh=False)
 
 
 def load_or_train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torch.device) -> tuple[FirstEncoder, Decoder, dict]:

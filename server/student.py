@@ -42,11 +42,11 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     context = _feature_channels(model, teacher, images[:2].to(device), taps) if taps else {}
     terms = [(module.to(device), w) for module, w in build_losses(loss, targets.shape[1], **context)]
     params = [*model.parameters(), *(p for module, _ in terms for p in module.parameters())]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    batch = min(cfg.batch_size, len(images))
+    opt = torch.optim.SGD(params, lr=student_lr(cfg, batch), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     augment = AUGMENTATIONS[cfg.augment]
     teacher_strength = teacher_view_strength(loss, cfg.teacher_strength)
-    batch = min(cfg.batch_size, len(images))
     model.train()
     for step in progress(range(steps), desc=desc, unit="step"):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
@@ -69,6 +69,12 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     for tap in taps or ():
         tap.remove()
     return model.eval()
+
+
+def student_lr(cfg: StudentConfig, batch: int) -> float:
+    """`cfg.lr` for batches of at least `cfg.lr_reference_batch` images; smaller batches (a set of fewer
+    images, e.g. IPC 1: 10) scale it by sqrt(batch / reference), the usual rule for noisier gradients."""
+    return cfg.lr * min(1.0, batch / cfg.lr_reference_batch) ** 0.5
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ class AutoencoderConfig:
     decoder_channels: tuple[int, ...] = (96, 48, 24)
     kl_weight: float = 1e-4
     steps: int = 600
+    decoder_finetune: float = 1.5           # then decoder-only steps per joint step, E1 frozen (docs/results.md, session 9)
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
@@ -71,6 +72,7 @@ class StudentConfig:
     steps: int = 200                        # ~45 s per IPC-10 arm on 2 CPU cores (ConvNet-3, bf16; demo, session 8)
     batch_size: int = 256
     lr: float = 0.02                        # the random-real baseline's best of 0.01-0.05 (docs/results.md, session 8)
+    lr_reference_batch: int = 100           # batches below it train at lr * sqrt(batch / it) (IPC 1: batch 10, session 9)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: str = "dsa"                    # differentiable siamese-style augmentation | 'none'

@@ -164,3 +164,18 @@ def test_attention_terms_have_bounded_gradients_at_initialisation(name):
     loss.backward()
     worst = max(float(p.grad.abs().max()) for p in student.parameters() if p.grad is not None)
     assert torch.isfinite(loss) and worst < 10, worst
+
+
+def test_small_batches_train_at_a_sqrt_scaled_learning_rate(monkeypatch):
+    """The IPC-1 recipe (batch 10) runs at lr * sqrt(10 / 100); batches at or above the reference keep lr."""
+    from server import student
+    from shared.config import StudentConfig
+    cfg = StudentConfig(lr=0.02, lr_reference_batch=100)
+    assert student.student_lr(cfg, 100) == student.student_lr(cfg, 256) == 0.02
+    assert student.student_lr(cfg, 10) == pytest.approx(0.02 * 0.1 ** 0.5)
+    seen = []
+    real_sgd = torch.optim.SGD
+    monkeypatch.setattr(torch.optim, "SGD", lambda params, lr, **kw: seen.append(lr) or real_sgd(params, lr, **kw))
+    x, y = torch.randn(10, 1, 32, 32), F.one_hot(torch.arange(10) % K, K).float()
+    student.train_student(x, y, StudentConfig(model="convnet3_w32", steps=1), torch.device("cpu"))
+    assert seen == [pytest.approx(student.student_lr(StudentConfig(), 10))]
