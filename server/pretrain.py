@@ -42,6 +42,11 @@ def _save(path: Path, models: dict, meta: dict) -> None:
 
 
 # ---------------------------------------------------------------- autoencoder
+def _sample_latent(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """The VAE reparameterisation: one draw from N(mean, exp(logvar)), so the decoder learns noisy latents."""
+    return mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+
+
 def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torch.device) -> tuple[FirstEncoder, Decoder]:
     torch.manual_seed(cfg.seed)
     enc = FirstEncoder(images.shape[1], cfg.latent_channels, cfg.encoder_channels).to(device)
@@ -54,7 +59,7 @@ def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torc
         with autocast(device, cpu_bf16=True):
             mean, logvar = enc.moments(x)
             mean, logvar = mean.float(), logvar.float()
-            z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+            z = _sample_latent(mean, logvar)
             recon = dec(z).float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
         loss = F.mse_loss(recon, x) + cfg.kl_weight * kl / x[0].numel()
@@ -88,7 +93,7 @@ def finetune_decoder(enc: FirstEncoder, dec: Decoder, images: torch.Tensor, cfg:
         x = images[idx].to(device)
         with torch.no_grad(), autocast(device, cpu_bf16=True):
             mean, logvar = enc.moments(x)
-        z = (mean.float() + torch.randn_like(mean.float()) * (0.5 * logvar.float()).exp()) * enc.scaling_factor
+        z = _sample_latent(mean.float(), logvar.float()) * enc.scaling_factor
         with autocast(device, cpu_bf16=True):
             loss = F.mse_loss(dec(z).float(), x)
         opt.zero_grad(set_to_none=True)
