@@ -18,6 +18,7 @@ from server import attacks
 from server.condense import SyntheticSet, condense, save_grid
 from server.pretrain import load_chain
 from server.student import train_student
+from server.teacher import load_teacher
 from shared.accounting import default_delta, noise_for_epsilon
 from shared.config import ChainConfig, CondenseConfig, DataConfig, StudentConfig
 from shared.data import load_dataset
@@ -55,7 +56,7 @@ class AuditContext:
         self.data_cfg = _cfg(DataConfig, cfg["data"])
         self.student_cfg = _cfg(StudentConfig, cfg["student"])
         self.chain_cfg = _cfg(ChainConfig, cfg["chain"])
-        self.condense_cfg = _cfg(CondenseConfig, cfg["condense"])
+        self.condense_cfg = _cfg(CondenseConfig, {"guidance": 0.0, **cfg["condense"]})   # runs before guidance: 0
         self.ds = load_dataset(self.data_cfg)
         ipc = ipc or self.report["ipc"]
         self.synthetic = SyntheticSet.load(self.run / f"ipc{ipc}")
@@ -89,8 +90,11 @@ def membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
 def load_run_models(ctx: AuditContext) -> dict:
     e2, est = load_chain(Path(ctx.report["checkpoints"]["chain"]), ctx.device)
     ae = Path(ctx.report["checkpoints"]["autoencoder"])
-    return {"first_encoder": ctx.e1, "decoder": Decoder.from_pretrained(ae / "decoder", low_cpu_mem_usage=False).to(ctx.device).eval(),
-            "second_encoder": e2, "noise_estimators": est}
+    models = {"first_encoder": ctx.e1, "decoder": Decoder.from_pretrained(ae / "decoder", low_cpu_mem_usage=False).to(ctx.device).eval(),
+              "second_encoder": e2, "noise_estimators": est}
+    if "teacher" in ctx.report["checkpoints"]:
+        models["teacher"] = load_teacher(Path(ctx.report["checkpoints"]["teacher"]), ctx.e1, e2, ctx.ds.num_classes, ctx.device)
+    return models
 
 
 def shadow_scores(ctx: AuditContext, candidate_idx, x, y, shadows: int) -> np.ndarray:

@@ -34,6 +34,8 @@ def _add_condense(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-plan", choices=["pure", "mixed"], default=None)
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
     p.add_argument("--noise-init", choices=["random", "preset"], default=None)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="teacher guidance per chain step (default 0.025; 0 turns it off)")
     p.add_argument("--ratio", type=float, default=None, help="budget as synthetic/real ratio instead of IPC")
     p.add_argument("--max-coverage", action="store_true", help="every real latent conditions exactly one image")
 
@@ -72,7 +74,7 @@ def demo_config(args):
                      batch_size=args.chain_batch, prediction=args.prediction)
     cond = override(CondenseConfig(), selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
                     sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
-                    ratio=getattr(args, "ratio", None), seed=args.seed)
+                    ratio=getattr(args, "ratio", None), guidance=getattr(args, "guidance", None), seed=args.seed)
     if getattr(args, "max_coverage", False):     # every latent exactly once: claims 4 and 7's one-to-one rule
         cond = replace(cond, max_coverage=True, ipc=None, selection=getattr(args, "selection", None) or "one-to-one")
     student = override(StudentConfig(), model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),
@@ -128,6 +130,10 @@ def cmd_condense(args) -> int:
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.data)
     models, pool, _ = build_models(ds, cfg, device)
+    if cfg.condense.guidance:
+        from server.teacher import load_or_train_teacher
+        models["teacher"], _ = load_or_train_teacher(models, pool.images, pool.labels, ds.num_classes, device,
+                                                     cfg.student.teacher_steps)
     syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, cfg.condense, device)
     syn.save(Path(args.out), ds.class_names)
     print(f"{len(syn)} synthetic images from {syn.meta['real_latents_used']} real latents in "

@@ -2,7 +2,8 @@
 
 Per synthetic image: E1 encodes a noise image -> z_T; estimator k (k = 1..T, highest noise first)
 denoises z, conditioned on E2 of the k-th selected real latent; D decodes the last latent. The label
-is y_c = n_c / T. Only the reverse chain runs: no gradients, no unrolled optimisation.
+is y_c = n_c / T. Only the reverse chain runs: no unrolled optimisation, no second-order gradients;
+with `guidance` 0 (`--guidance 0`), no gradients at all, as SPEC §1 describes the patent's chain.
 
 **Reading (SPEC §1, claim 2 / 'the noise image may be random or a preset image with noise added'):**
 E1's output for a noise image is not distributed like the chain's training inputs, so z_T is the
@@ -10,6 +11,15 @@ forward-noised E1 latent of the noise image: z_T = sqrt(a_bar_T) E1(x_noise) + s
 `noise_init='random'`: x_noise is Gaussian pixel noise; `'preset'`: x_noise is D(mean of the image's
 conditioning latents), i.e. a preset image with noise added. Under the default cosine schedule
 a_bar_T is tiny, so the start is almost pure noise either way.
+
+**Extension beyond SPEC §1 (guidance, session 11; the default):** `cfg.guidance` > 0 adds
+classifier guidance from the server's teacher (E1 -> E2 -> head, trained on the same pooled latents).
+After each estimator's step, the step's z_0 estimate moves `guidance` (RMS, latent units) up the
+teacher's log-probability of the image's soft label y, and z_{t-1} moves with it by z_0's coefficient
+in the sampler's update. This departs from the patent's gradient-free chain: each step also takes one
+first-order gradient through the small teacher (no unrolling). Claims 1-7 are otherwise unchanged:
+every step is still conditioned on its own real latent, and the label is still n_c / T. The teacher
+is trained on the pooled latents, so client-side DP is unchanged (post-processing).
 """
 from __future__ import annotations
 
@@ -17,9 +27,11 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from server.selection import plan_and_select, soft_labels
@@ -78,8 +90,10 @@ def save_grid(images: torch.Tensor, classes: torch.Tensor, path: Path, class_nam
 @torch.no_grad()
 def run_chain(cond_latents: torch.Tensor, first_encoder: FirstEncoder, second_encoder: SecondEncoder,
               estimators: NoiseEstimators, decoder: Decoder, chain_cfg: ChainConfig, cfg: CondenseConfig,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """cond_latents (B, T, c, s, s) -> (images (B, C, S, S), final latents (B, c, s, s))."""
+              generator: torch.Generator, guide: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cond_latents (B, T, c, s, s) -> (images (B, C, S, S), final latents (B, c, s, s)).
+
+    `guide`: z_0 estimate -> unit-RMS direction (see `label_guidance`), applied with weight `cfg.guidance`."""
     device = cond_latents.device
     B, T = cond_latents.shape[:2]
     sched = make_scheduler(T, chain_cfg.beta_schedule, cfg.sampler, cfg.clip_latent, chain_cfg.prediction)
@@ -97,9 +111,34 @@ def run_chain(cond_latents: torch.Tensor, first_encoder: FirstEncoder, second_en
     for k, t in enumerate(sched.timesteps.tolist()):            # k-th estimator applied <-> step t = T-1-k
         cond = second_encoder(cond_latents[:, k])
         pred = estimators(z, t, cond)                            # the noise (or its velocity form)
-        z = sched.step(pred, t, z, generator=generator).prev_sample if cfg.sampler == "ddpm" \
-            else sched.step(pred, t, z, eta=0.0).prev_sample
+        step = sched.step(pred, t, z, generator=generator) if cfg.sampler == "ddpm" else sched.step(pred, t, z, eta=0.0)
+        z = step.prev_sample
+        if guide is not None and cfg.guidance:
+            z = z + cfg.guidance * _z0_coefficient(sched, t, cfg.sampler) * guide(step.pred_original_sample)
     return decoder(z).clamp(-1, 1), z
+
+
+def _z0_coefficient(sched, t: int, sampler: str) -> float:
+    """How much z_{t-1} moves per unit move of the z_0 estimate: sqrt(a_bar_{t-1}) for DDIM, the
+    posterior mean's sqrt(a_bar_{t-1}) beta_t / (1 - a_bar_t) for DDPM (a_bar_{-1} = 1)."""
+    a_t = float(sched.alphas_cumprod[t])
+    a_prev = float(sched.alphas_cumprod[t - 1]) if t > 0 else 1.0
+    if sampler == "ddim":
+        return a_prev ** 0.5
+    return a_prev ** 0.5 * (1 - a_t / a_prev) / (1 - a_t)
+
+
+def label_guidance(teacher, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """z_0 estimates (B, c, s, s) -> the direction that raises the teacher's log-probability of each
+    image's soft label (B, K), scaled to unit RMS per image (module docstring, guidance)."""
+    def direction(z0: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            z0 = z0.detach().float().requires_grad_(True)
+            log_p = (labels * F.log_softmax(teacher.classify_latents(z0).float(), 1)).sum()
+            grad, = torch.autograd.grad(log_p, z0)
+        rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
+        return grad / rms.view(-1, *[1] * (grad.dim() - 1))
+    return direction
 
 
 def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num_classes: int,
@@ -107,14 +146,16 @@ def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num
     """Plan, select, run the chain batch by batch, label. Deterministic for `cfg.seed`."""
     start = time.time()
     T = chain_cfg.T
+    teacher = _guidance_teacher(models, cfg)
     selected = plan_and_select(labels.numpy(), cfg, T, cfg.seed, latents=latents.float().numpy())
     y = torch.from_numpy(soft_labels(labels.numpy(), selected, num_classes))
     generator = torch.Generator().manual_seed(cfg.seed)
     images, finals = [], []
     for lo in progress(range(0, len(selected), cfg.batch_size), desc="condense", unit="batch"):
         batch = torch.from_numpy(selected[lo:lo + cfg.batch_size])
+        guide = label_guidance(teacher, y[lo:lo + cfg.batch_size].float().to(device)) if teacher is not None else None
         x, z = run_chain(latents[batch].to(device), models["first_encoder"], models["second_encoder"],
-                         models["noise_estimators"], models["decoder"], chain_cfg, cfg, generator)
+                         models["noise_estimators"], models["decoder"], chain_cfg, cfg, generator, guide)
         images.append(x.float().cpu())
         finals.append(z.float().cpu())
     uses = np.bincount(selected.ravel(), minlength=len(labels))
@@ -123,3 +164,15 @@ def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num
             "real_latents_used": int((uses > 0).sum()), "reuse_count": int((uses > 1).sum()),
             "seconds": time.time() - start}
     return SyntheticSet(torch.cat(images), y, torch.cat(finals), ids[torch.from_numpy(selected)], meta)
+
+
+def _guidance_teacher(models: dict, cfg: CondenseConfig):
+    """The teacher that guides sampling, or None when `cfg.guidance` is 0."""
+    if not (cfg.guidance >= 0 and np.isfinite(cfg.guidance)):
+        raise ValueError(f"guidance must be a finite number >= 0, got {cfg.guidance}")
+    if not cfg.guidance:
+        return None
+    if models.get("teacher") is None:
+        raise ValueError(f"guidance {cfg.guidance} needs the server's teacher in models['teacher'] "
+                         "(server.teacher.load_or_train_teacher); pass one, or set guidance 0 (--guidance 0)")
+    return models["teacher"]

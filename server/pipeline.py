@@ -80,10 +80,11 @@ def run_full_real(ds: Dataset, cfg: DemoConfig, device: torch.device, teacher=No
                          device, steps=steps, loss=cfg.student.loss, desc="full real", teacher=teacher)
 
 
-def server_teacher(models: dict, pool: ImageSplit, ds: Dataset, student: StudentConfig, device: torch.device):
-    """The teacher for knowledge distillation (SPEC §2), trained on the pooled latents the server holds,
-    with its test accuracy; (None, None) when the student loss does not use one."""
-    if not needs_teacher(student.loss):
+def server_teacher(models: dict, pool: ImageSplit, ds: Dataset, student: StudentConfig, device: torch.device,
+                   guidance: float = 0.0):
+    """The teacher for knowledge distillation (SPEC §2) and sampling guidance, trained on the pooled latents
+    the server holds, with its test accuracy; (None, None) when neither the student loss nor guidance uses one."""
+    if not (needs_teacher(student.loss) or guidance):
         return None, None
     teacher, info = load_or_train_teacher(models, pool.images, pool.labels, ds.num_classes, device,
                                           student.teacher_steps)
@@ -115,9 +116,13 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
     models = {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
     info = {**info, "pretrain": info["pretrain"] + chain["seconds"],
             "checkpoints": {**info["checkpoints"], "chain": chain["path"]}}
-    teacher, info["teacher"] = server_teacher(models, pool, ds, cfg.student, device)
-    per_ipc = [run_ipc(ds, models, pool, cfg, ipc, out, device, teacher) for ipc in cfg.ipcs]
-    full = run_full_real(ds, cfg, device, teacher) if "full_real" in cfg.baselines else None
+    teacher, info["teacher"] = server_teacher(models, pool, ds, cfg.student, device, cfg.condense.guidance)
+    models["teacher"] = teacher
+    if teacher is not None:                       # the audit's shadow runs sample under the same guidance
+        info["checkpoints"]["teacher"] = info["teacher"]["path"]
+    kd_teacher = teacher if needs_teacher(cfg.student.loss) else None
+    per_ipc = [run_ipc(ds, models, pool, cfg, ipc, out, device, kd_teacher) for ipc in cfg.ipcs]
+    full = run_full_real(ds, cfg, device, kd_teacher) if "full_real" in cfg.baselines else None
     report = make_report(ds, cfg, info, per_ipc, full, device, len(pool))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

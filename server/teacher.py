@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -74,16 +75,22 @@ def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Ten
     path = cache_dir("teacher", fingerprint(latents), fingerprint(labels.float()), steps,
                      fingerprint(torch.cat([p.flatten() for p in models["second_encoder"].parameters()])),
                      *cpu_bf16_key(device))
-    teacher = Teacher(models["first_encoder"], models["second_encoder"], num_classes).to(device)
     if (path / "teacher.pt").exists():
-        teacher.load_state_dict(torch.load(path / "teacher.pt", map_location=device))
-        return teacher.eval(), {"seconds": 0.0, "steps": steps, "cached": str(path)}
+        teacher = load_teacher(path, models["first_encoder"], models["second_encoder"], num_classes, device)
+        return teacher, {"seconds": 0.0, "steps": steps, "cached": str(path), "path": str(path)}
     teacher, info = train_teacher(models["first_encoder"], models["second_encoder"], latents, labels, num_classes,
                                   device, steps=steps)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(teacher.state_dict(), path / "teacher.pt.tmp")
     (path / "teacher.pt.tmp").rename(path / "teacher.pt")
-    return teacher, info
+    return teacher, {**info, "path": str(path)}
+
+
+def load_teacher(path: Path, first_encoder, second_encoder, num_classes: int, device: torch.device) -> Teacher:
+    """A teacher saved by `load_or_train_teacher` (its cache folder)."""
+    teacher = Teacher(first_encoder, second_encoder, num_classes).to(device)
+    teacher.load_state_dict(torch.load(Path(path) / "teacher.pt", map_location=device))
+    return teacher.eval()
 
 
 def needs_teacher(loss_spec: str) -> bool:

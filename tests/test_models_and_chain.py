@@ -60,12 +60,42 @@ def test_scheduler_visits_every_step_once():
         assert make_scheduler(20, "squaredcos_cap_v2", sampler).timesteps.tolist() == list(range(19, -1, -1))
 
 
-def _condense(tiny_models, seed, **kw):
+def _teacher(models):
+    from server.teacher import Teacher
+    torch.manual_seed(0)
+    return Teacher(models["first_encoder"], models["second_encoder"], 4).eval()
+
+
+def _condense(tiny_models, seed, teacher=True, **kw):
     chain_cfg, models = tiny_models
     g = torch.Generator().manual_seed(0)
     latents, labels = torch.randn(80, 4, 8, 8, generator=g), torch.arange(80) % 4
     cfg = CondenseConfig(ipc=2, seed=seed, batch_size=3, **kw)
+    models = {**models, "teacher": _teacher(models)} if teacher else models
     return condense(latents, labels, torch.arange(1000, 1080), 4, models, chain_cfg, cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_guidance_raises_the_teachers_probability_of_each_label(tiny_models, sampler):
+    """Teacher guidance (session 11): same conditioning and noise draws; the guided final latents are
+    more likely under the teacher for their own labels, and guidance 0 is the plain chain."""
+    import torch.nn.functional as F
+    teacher = _teacher(tiny_models[1])
+    plain = _condense(tiny_models, 3, teacher=False, sampler=sampler, guidance=0.0)
+    assert torch.equal(plain.images, _condense(tiny_models, 3, sampler=sampler, guidance=0.0).images)
+    guided = _condense(tiny_models, 3, sampler=sampler, guidance=0.5)
+    assert torch.equal(plain.conditioning, guided.conditioning)
+    with torch.no_grad():
+        log_p = [(s.labels * F.log_softmax(teacher.classify_latents(s.latents), 1)).sum(1) for s in (plain, guided)]
+    assert (log_p[1] > log_p[0]).float().mean() >= 0.75 and log_p[1].mean() > log_p[0].mean() + 0.1, log_p
+
+
+def test_guidance_needs_a_teacher_and_a_sane_weight(tiny_models):
+    with pytest.raises(ValueError, match="needs the server's teacher"):
+        _condense(tiny_models, 0, teacher=False, guidance=0.05)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="guidance must be a finite number"):
+            _condense(tiny_models, 0, guidance=bad)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -92,7 +122,7 @@ def test_each_step_is_conditioned_on_its_own_latent(tiny_models):
     from server.condense import run_chain
     chain_cfg, m = tiny_models
     cond = torch.randn(1, 4, 4, 8, 8)
-    cfg = CondenseConfig()
+    cfg = CondenseConfig(guidance=0.0)
     base, _ = run_chain(cond, m["first_encoder"], m["second_encoder"], m["noise_estimators"], m["decoder"],
                         chain_cfg, cfg, torch.Generator().manual_seed(0))
     cond2 = cond.clone()

@@ -150,3 +150,12 @@ def test_cli_max_coverage_uses_one_to_one_unless_told_otherwise():
     cfg = demo_config(build_parser().parse_args(["condense", "--out", "x", "--max-coverage", "--selection", "random"])).condense
     with pytest.raises(ValueError, match="max_coverage needs selection 'one-to-one'"):
         plan_and_select(LABELS, cfg, 20, seed=0)
+
+
+def test_cli_guidance_reaches_the_condense_config():
+    """`--guidance` sets the teacher guidance weight on demo and condense; absent, the config default holds."""
+    from server.cli import build_parser, demo_config
+    parse = build_parser().parse_args
+    assert demo_config(parse(["condense", "--out", "x", "--guidance", "0"])).condense.guidance == 0.0
+    assert demo_config(parse(["demo", "--guidance", "0.1"])).condense.guidance == 0.1
+    assert demo_config(parse(["demo"])).condense.guidance == CondenseConfig().guidance > 0
