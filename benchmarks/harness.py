@@ -25,7 +25,6 @@ from benchmarks.dm import distribution_matching
 from client.encode import encode_images
 from server.condense import condense
 from server.pipeline import random_real_like, server_teacher
-from server.teacher import needs_teacher
 from server.pretrain import load_or_train_autoencoder, load_or_train_chain
 from server.student import fit_and_score, one_hot
 from shared.config import AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, StudentConfig
@@ -173,8 +172,6 @@ def prepare(cfg: BenchConfig) -> dict:
     teacher, teacher_info = server_teacher(models["ours"][0], pool, ds, cfg.student, dev, CondenseConfig().guidance)
     for bundle, _ in (*models.values(), *by_T.values()):      # every chain samples under the same guidance
         bundle["teacher"] = teacher
-    if not needs_teacher(cfg.student.loss):
-        teacher = None
     return {"ds": ds, "pool": pool, "cfg": cfg, "device": dev, "models": models, "models_by_T": by_T, "e1": e1,
             "teacher": teacher, "teacher_info": teacher_info, "pretrain": pretrain}
 

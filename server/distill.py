@@ -12,7 +12,7 @@ import torch
 
 from server.condense import SyntheticSet
 from server.student import fit_and_score
-from server.teacher import Teacher, needs_teacher
+from server.teacher import Teacher
 from shared.config import DemoConfig
 
 
@@ -21,12 +21,11 @@ def run_distill(synthetic: SyntheticSet, teacher: Teacher, test, cfg: DemoConfig
     rows = []
     for spec in losses:
         runs = []
-        uses_teacher = needs_teacher(spec)
         for seed in seeds:
             student_cfg = replace(cfg.student, seed=seed)
             try:
                 runs.append(fit_and_score(synthetic.images, synthetic.labels, test, student_cfg, device, loss=spec,
-                                          desc=f"{spec} s{seed}", teacher=teacher if uses_teacher else None))
+                                          desc=f"{spec} s{seed}", teacher=teacher))
             except FloatingPointError as exc:          # a diverged run is a result, reported as such
                 runs.append({"accuracy": None, "seconds": 0.0, "diverged": str(exc)})
         accs = [r["accuracy"] for r in runs if r["accuracy"] is not None]

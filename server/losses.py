@@ -217,3 +217,8 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
         LOSSES[name]
         out.append((name, float(weight) if weight else 1.0))
     return out
+
+
+def needs_teacher(loss_spec: str) -> bool:
+    """Every loss term except plain soft cross-entropy learns from the teacher."""
+    return any(name != "soft_ce" for name, _ in parse_loss_spec(loss_spec))

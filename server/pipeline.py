@@ -15,10 +15,10 @@ import torch
 
 from client.encode import encode_images
 from server.condense import SyntheticSet, condense
-from server.losses import teacher_view_strength
+from server.losses import needs_teacher, teacher_view_strength
 from server.pretrain import load_or_train_autoencoder, load_or_train_chain
 from server.student import evaluate, fit_and_score, one_hot
-from server.teacher import load_or_train_teacher, needs_teacher
+from server.teacher import load_or_train_teacher
 from shared.cache import to_jsonable
 from shared.config import DemoConfig, StudentConfig
 from shared.data import Dataset, ImageSplit, load_dataset
@@ -120,9 +120,8 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
     models["teacher"] = teacher
     if teacher is not None:                       # the audit's shadow runs sample under the same guidance
         info["checkpoints"]["teacher"] = info["teacher"]["path"]
-    kd_teacher = teacher if needs_teacher(cfg.student.loss) else None
-    per_ipc = [run_ipc(ds, models, pool, cfg, ipc, out, device, kd_teacher) for ipc in cfg.ipcs]
-    full = run_full_real(ds, cfg, device, kd_teacher) if "full_real" in cfg.baselines else None
+    per_ipc = [run_ipc(ds, models, pool, cfg, ipc, out, device, teacher) for ipc in cfg.ipcs]
+    full = run_full_real(ds, cfg, device, teacher) if "full_real" in cfg.baselines else None
     report = make_report(ds, cfg, info, per_ipc, full, device, len(pool))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

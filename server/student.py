@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from server.losses import LossInputs, build_losses, teacher_view_strength
+from server.losses import LossInputs, build_losses, needs_teacher, teacher_view_strength
 from shared.augment import AUGMENTATIONS
 from shared.config import StudentConfig
 from shared.device import autocast
@@ -29,12 +29,14 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     With a `teacher`, each batch is augmented twice from the same random draws: for the student, and
     for the teacher at `teacher_view_strength` of its magnitude (1: the same view; SPEC §2's MI loss:
     a weaker one); the teacher's logits and both networks' distillation-point features reach the losses.
+    A teacher that no term of `loss` consults (plain soft_ce) is ignored: callers pass theirs unconditionally.
     """
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} labels")
     if not torch.isfinite(images).all():
         raise ValueError("training images contain NaN/inf")
     steps = steps or cfg.steps
+    teacher = teacher if needs_teacher(loss) else None
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_student(cfg.model, images.shape[1], targets.shape[1], images.shape[-1]).to(device)

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from server.losses import parse_loss_spec
 from server.pretrain import fingerprint
 from shared.cache import cache_dir
 from shared.models.first_encoder import FirstEncoder
@@ -91,8 +90,3 @@ def load_teacher(path: Path, first_encoder, second_encoder, num_classes: int, de
     teacher = Teacher(first_encoder, second_encoder, num_classes).to(device)
     teacher.load_state_dict(torch.load(Path(path) / "teacher.pt", map_location=device))
     return teacher.eval()
-
-
-def needs_teacher(loss_spec: str) -> bool:
-    """Every loss term except plain soft cross-entropy learns from the teacher."""
-    return any(name != "soft_ce" for name, _ in parse_loss_spec(loss_spec))

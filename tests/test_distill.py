@@ -70,11 +70,29 @@ def test_weak_view_is_the_same_transform_at_lower_strength():
 
 
 def test_only_teacher_based_loss_specs_train_a_teacher():
-    from server.teacher import needs_teacher
+    from server.losses import needs_teacher
     assert not needs_teacher("soft_ce") and not needs_teacher("soft_ce:2")
     assert needs_teacher("soft_ce:1,kd:1") and needs_teacher("dkd") and needs_teacher("channel_sparse")
     with pytest.raises(KeyError, match="unknown loss"):
         needs_teacher("soft_ce,kdd")
+
+
+def test_a_teacher_the_loss_never_consults_is_ignored(setup):
+    """Callers pass their teacher unconditionally; plain soft_ce never runs it, a KD term always does."""
+    ds, teacher = setup
+    x, y = ds.private.images[:64], torch.nn.functional.one_hot(ds.private.labels[:64], 10).float()
+    calls = []
+    hook = teacher.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        cfg = StudentConfig(steps=3, batch_size=32)
+        alone = train_student(x, y, cfg, torch.device("cpu"), loss="soft_ce")
+        given = train_student(x, y, cfg, torch.device("cpu"), loss="soft_ce", teacher=teacher)
+        assert not calls
+        assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), given.state_dict().values()))
+        train_student(x, y, cfg, torch.device("cpu"), loss="soft_ce:1,kd:1", teacher=teacher)
+        assert calls
+    finally:
+        hook.remove()
 
 
 def test_teacher_view_follows_the_loss_unless_set():
