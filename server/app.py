@@ -62,14 +62,14 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     known = {"out", "clients", "alpha", "iid", "ipc", "T", "layout", "device", "train-limit", "test-limit",
              "ae-steps", "chain-steps", "module-steps", "student-steps", "full-epochs", "timeout",
              "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student", "student-loss", "prediction",
-             "teacher-steps"}
+             "teacher-steps", "guidance"}
     unknown = set(run_config) - known
     if unknown:
         raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")
     from server.cli import build_parser, demo_config
     argv = ["demo", "--out", str(run_config.get("out", "runs/federated"))]
     for key, value in run_config.items():
-        if key == "out" or value in (0, 0.0, ""):      # 0 / "" in pyproject mean "typed default"
+        if key == "out" or _means_typed_default(key, value):
             continue
         if isinstance(value, bool):
             argv += [f"--{key}"] if value else []
@@ -77,6 +77,17 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
             argv += [f"--{key}", str(value)]
     args = build_parser().parse_args(argv)
     return demo_config(args), Path(args.out)
+
+
+ZERO_IS_A_SETTING = {"guidance"}        # 0 turns guidance off, so -1 stands for "the typed default" there
+
+
+def _means_typed_default(key: str, value) -> bool:
+    """0 / "" in pyproject mean "the typed default" (shared/config.py); for keys where 0 is a real
+    setting (`ZERO_IS_A_SETTING`), a negative value does."""
+    if key in ZERO_IS_A_SETTING:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and value < 0
+    return value in (0, 0.0, "")
 
 
 app = ServerApp()

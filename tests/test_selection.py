@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from server.selection import plan_and_select, soft_labels
-from shared.config import CondenseConfig
+from shared.config import CondenseConfig, StudentConfig
 
 LABELS = np.repeat(np.arange(10), 60)          # 600 latents, 60 per class
 np.random.default_rng(0).shuffle(LABELS)
@@ -159,3 +159,16 @@ def test_cli_guidance_reaches_the_condense_config():
     assert demo_config(parse(["condense", "--out", "x", "--guidance", "0"])).condense.guidance == 0.0
     assert demo_config(parse(["demo", "--guidance", "0.1"])).condense.guidance == 0.1
     assert demo_config(parse(["demo"])).condense.guidance == CondenseConfig().guidance > 0
+
+
+def test_flower_run_config_sets_guidance_including_off():
+    """Deployment's run-config: 0 turns guidance off (not 'the typed default', as 0 means for other keys);
+    -1, the pyproject value, keeps the default; the pyproject lists the key."""
+    import tomllib
+    from pathlib import Path
+    from server.app import config_from_run_config
+    shipped = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config_from_run_config(shipped)[0].condense.guidance == CondenseConfig().guidance
+    assert config_from_run_config({**shipped, "guidance": 0})[0].condense.guidance == 0.0
+    assert config_from_run_config({**shipped, "guidance": 0.05})[0].condense.guidance == 0.05
+    assert config_from_run_config({**shipped, "student-steps": 0})[0].student.steps == StudentConfig().steps
