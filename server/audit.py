@@ -56,7 +56,8 @@ class AuditContext:
         self.data_cfg = _cfg(DataConfig, cfg["data"])
         self.student_cfg = _cfg(StudentConfig, cfg["student"])
         self.chain_cfg = _cfg(ChainConfig, cfg["chain"])
-        self.condense_cfg = _cfg(CondenseConfig, {"guidance": 0.0, **cfg["condense"]})   # runs before guidance: 0
+        # runs from before guidance (session 11) sampled without it, and before session 12 with the label term only
+        self.condense_cfg = _cfg(CondenseConfig, {"guidance": 0.0, "guidance_terms": "label:1", **cfg["condense"]})
         self.ds = load_dataset(self.data_cfg)
         ipc = ipc or self.report["ipc"]
         self.synthetic = SyntheticSet.load(self.run / f"ipc{ipc}")

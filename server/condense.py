@@ -12,14 +12,15 @@ forward-noised E1 latent of the noise image: z_T = sqrt(a_bar_T) E1(x_noise) + s
 conditioning latents), i.e. a preset image with noise added. Under the default cosine schedule
 a_bar_T is tiny, so the start is almost pure noise either way.
 
-**Extension beyond SPEC §1 (guidance, session 11; the default):** `cfg.guidance` > 0 adds
-classifier guidance from the server's teacher (E1 -> E2 -> head, trained on the same pooled latents).
-After each estimator's step, the step's z_0 estimate moves `guidance` (RMS, latent units) up the
-teacher's log-probability of the image's soft label y, and z_{t-1} moves with it by z_0's coefficient
-in the sampler's update. This departs from the patent's gradient-free chain: each step also takes one
-first-order gradient through the small teacher (no unrolling). Claims 1-7 are otherwise unchanged:
-every step is still conditioned on its own real latent, and the label is still n_c / T. The teacher
-is trained on the pooled latents, so client-side DP is unchanged (post-processing).
+**Extension beyond SPEC §1 (guidance, sessions 11-12; the default):** `cfg.guidance` > 0 adds
+guidance from the server's teacher (E1 -> E2 -> head, trained on the same pooled latents). After each
+estimator's step, the step's z_0 estimate moves `guidance` (RMS, latent units) along the direction of
+`cfg.guidance_terms` (server/guidance.py): up the teacher's log-probability of the image's soft label y,
+and towards the teacher's mean tokens of the image's own T conditioning latents. z_{t-1} moves with it
+by z_0's coefficient in the sampler's update. This departs from the patent's gradient-free chain: each
+step also takes first-order gradients through the small teacher (no unrolling). Claims 1-7 are
+otherwise unchanged: every step is still conditioned on its own real latent, and the label is still
+n_c / T. The teacher is trained on the pooled latents, so client-side DP is unchanged (post-processing).
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from server.guidance import parse_guidance_terms, teacher_guidance
 from server.selection import plan_and_select, soft_labels
 from shared.cache import to_jsonable
 from shared.config import ChainConfig, CondenseConfig
@@ -93,7 +94,7 @@ def run_chain(cond_latents: torch.Tensor, first_encoder: FirstEncoder, second_en
               generator: torch.Generator, guide: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cond_latents (B, T, c, s, s) -> (images (B, C, S, S), final latents (B, c, s, s)).
 
-    `guide`: z_0 estimate -> unit-RMS direction (see `label_guidance`), applied with weight `cfg.guidance`."""
+    `guide`: z_0 estimate -> direction (server/guidance.py: `teacher_guidance`), applied with weight `cfg.guidance`."""
     device = cond_latents.device
     B, T = cond_latents.shape[:2]
     sched = make_scheduler(T, chain_cfg.beta_schedule, cfg.sampler, cfg.clip_latent, chain_cfg.prediction)
@@ -128,19 +129,6 @@ def _z0_coefficient(sched, t: int, sampler: str) -> float:
     return a_prev ** 0.5 * (1 - a_t / a_prev) / (1 - a_t)
 
 
-def label_guidance(teacher, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """z_0 estimates (B, c, s, s) -> the direction that raises the teacher's log-probability of each
-    image's soft label (B, K), scaled to unit RMS per image (module docstring, guidance)."""
-    def direction(z0: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            z0 = z0.detach().float().requires_grad_(True)
-            log_p = (labels * F.log_softmax(teacher.classify_latents(z0).float(), 1)).sum()
-            grad, = torch.autograd.grad(log_p, z0)
-        rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
-        return grad / rms.view(-1, *[1] * (grad.dim() - 1))
-    return direction
-
-
 def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num_classes: int,
              models: dict, chain_cfg: ChainConfig, cfg: CondenseConfig, device: torch.device) -> SyntheticSet:
     """Plan, select, run the chain batch by batch, label. Deterministic for `cfg.seed`."""
@@ -153,8 +141,10 @@ def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num
     images, finals = [], []
     for lo in progress(range(0, len(selected), cfg.batch_size), desc="condense", unit="batch"):
         batch = torch.from_numpy(selected[lo:lo + cfg.batch_size])
-        guide = label_guidance(teacher, y[lo:lo + cfg.batch_size].float().to(device)) if teacher is not None else None
-        x, z = run_chain(latents[batch].to(device), models["first_encoder"], models["second_encoder"],
+        cond = latents[batch].to(device)
+        guide = None if teacher is None else teacher_guidance(
+            teacher, y[lo:lo + cfg.batch_size].float().to(device), cond, cfg.guidance_terms)
+        x, z = run_chain(cond, models["first_encoder"], models["second_encoder"],
                          models["noise_estimators"], models["decoder"], chain_cfg, cfg, generator, guide)
         images.append(x.float().cpu())
         finals.append(z.float().cpu())
@@ -172,6 +162,7 @@ def _guidance_teacher(models: dict, cfg: CondenseConfig):
         raise ValueError(f"guidance must be a finite number >= 0, got {cfg.guidance}")
     if not cfg.guidance:
         return None
+    parse_guidance_terms(cfg.guidance_terms)
     if models.get("teacher") is None:
         raise ValueError(f"guidance {cfg.guidance} needs the server's teacher in models['teacher'] "
                          "(server.teacher.load_or_train_teacher); pass one, or set guidance 0 (--guidance 0)")

@@ -211,12 +211,7 @@ def _register_extensions() -> None:
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
     """Names and weights, checked against the registry (raises with the valid names)."""
     _register_extensions()
-    out = []
-    for part in spec.split(","):
-        name, _, weight = part.strip().partition(":")
-        LOSSES[name]
-        out.append((name, float(weight) if weight else 1.0))
-    return out
+    return LOSSES.parse(spec)
 
 
 def needs_teacher(loss_spec: str) -> bool:

@@ -62,6 +62,7 @@ class CondenseConfig:
     noise_init: str = "random"              # 'random' noise image | 'preset': mean of conditioning images
     clip_latent: Optional[float] = 3.0      # clip predicted z_0 to [-r, r] while sampling (unit-variance latents)
     guidance: float = 0.025                 # teacher guidance per step on z_0 (RMS, latent units); 0: off (session 11)
+    guidance_terms: str = "label:1,representative:1"   # what guidance pulls towards (server/guidance.py; session 12)
     batch_size: int = 500
     seed: int = 0
 

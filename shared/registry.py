@@ -31,3 +31,12 @@ class Registry(Generic[F]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def parse(self, spec: str) -> list[tuple[str, float]]:
+        """'name:weight,name' -> [(name, weight)], weight 1 when omitted; unknown names raise."""
+        out = []
+        for part in spec.split(","):
+            name, _, weight = part.strip().partition(":")
+            self[name]
+            out.append((name, float(weight) if weight else 1.0))
+        return out

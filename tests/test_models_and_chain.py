@@ -83,11 +83,27 @@ def test_guidance_raises_the_teachers_probability_of_each_label(tiny_models, sam
     teacher = _teacher(tiny_models[1])
     plain = _condense(tiny_models, 3, teacher=False, sampler=sampler, guidance=0.0)
     assert torch.equal(plain.images, _condense(tiny_models, 3, sampler=sampler, guidance=0.0).images)
-    guided = _condense(tiny_models, 3, sampler=sampler, guidance=0.5)
+    guided = _condense(tiny_models, 3, sampler=sampler, guidance=0.5, guidance_terms="label:1")
     assert torch.equal(plain.conditioning, guided.conditioning)
     with torch.no_grad():
         log_p = [(s.labels * F.log_softmax(teacher.classify_latents(s.latents), 1)).sum(1) for s in (plain, guided)]
     assert (log_p[1] > log_p[0]).float().mean() >= 0.75 and log_p[1].mean() > log_p[0].mean() + 0.1, log_p
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_representative_guidance_pulls_towards_the_conditioning_group(tiny_models, sampler):
+    """The `representative` term (session 12): the guided final latents' teacher tokens sit closer to the
+    mean tokens of their own T conditioning latents than the unguided ones do."""
+    teacher = _teacher(tiny_models[1])
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(80, 4, 8, 8, generator=g)
+    plain = _condense(tiny_models, 3, sampler=sampler, guidance=0.0)
+    guided = _condense(tiny_models, 3, sampler=sampler, guidance=0.5, guidance_terms="representative:1")
+    with torch.no_grad():
+        target = torch.stack([teacher.second_encoder(latents[plain.conditioning[:, k] - 1000]).flatten(1)
+                              for k in range(plain.conditioning.shape[1])]).mean(0)
+        dist = [(teacher.second_encoder(s.latents).flatten(1) - target).pow(2).sum(1) for s in (plain, guided)]
+    assert (dist[1] < dist[0]).float().mean() >= 0.75 and dist[1].mean() < 0.8 * dist[0].mean(), dist
 
 
 def test_guidance_needs_a_teacher_and_a_sane_weight(tiny_models):
@@ -96,6 +112,11 @@ def test_guidance_needs_a_teacher_and_a_sane_weight(tiny_models):
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="guidance must be a finite number"):
             _condense(tiny_models, 0, guidance=bad)
+    for bad in ("label:-1", "label:0,representative:0", "label:nan"):
+        with pytest.raises(ValueError, match="guidance terms need finite weights"):
+            _condense(tiny_models, 0, guidance=0.05, guidance_terms=bad)
+    with pytest.raises(KeyError, match="unknown guidance term 'lable'; choose one of: label, representative"):
+        _condense(tiny_models, 0, guidance=0.05, guidance_terms="lable:1")
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
