@@ -15,6 +15,7 @@ direction is normalised anyway, and fp32 would put 1,000 images at T=20 past 60 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,8 +50,7 @@ def representative_term(inp: GuidanceInputs) -> torch.Tensor:
 def parse_guidance_terms(spec: str) -> list[tuple[str, float]]:
     """'label:1,representative:1' -> names and weights (unknown names raise with the valid ones)."""
     terms = GUIDANCE_TERMS.parse(spec)
-    bad = [(n, w) for n, w in terms if not (w >= 0 and w == w and w != float("inf"))]
-    if bad or not any(w for _, w in terms):
+    if not all(math.isfinite(w) and w >= 0 for _, w in terms) or not any(w for _, w in terms):
         raise ValueError(f"guidance terms need finite weights >= 0, not all 0; got '{spec}' "
                          "(e.g. --guidance-terms label:1,representative:1)")
     return terms
@@ -72,10 +72,10 @@ def teacher_guidance(teacher, labels: torch.Tensor, cond_latents: torch.Tensor,
             z0 = z0.detach().float().requires_grad_(True)
             features = teacher.second_encoder(z0)
             inp = GuidanceInputs(features.flatten(1), teacher.head(features), labels, targets)
-            total = None
+            total = torch.zeros_like(z0)
             for i, (fn, w) in enumerate(terms):
                 grad, = torch.autograd.grad(fn(inp), z0, retain_graph=i < len(terms) - 1)
-                total = w * _unit_rms(grad) if total is None else total + w * _unit_rms(grad)
+                total += w * _unit_rms(grad)
         return total
     return direction
 
