@@ -174,12 +174,13 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'IPC':>4} {'images':>7} {'synthetic':>10} {'random real':>12}  condense",
-             "-" * 48]
+    lines = [f"{'IPC':>4} {'images':>7} {'synthetic':>10} {'random real':>12} {'lead':>8}  condense",
+             "-" * 57]
     for r in report["per_ipc"]:
-        rr = r.get("random_real", {}).get("accuracy")
-        lines.append(f"{r['ipc']:>4} {r['synthetic_images']:>7} {r['synthetic']['accuracy']:>10.4f} "
-                     f"{rr if rr is None else format(rr, '.4f'):>12}  {r['seconds_condense']:.1f}s")
+        syn, rr = r["synthetic"]["accuracy"], r.get("random_real", {}).get("accuracy")
+        lead = "" if rr is None else f"{100 * (syn - rr):+.2f}pt"
+        lines.append(f"{r['ipc']:>4} {r['synthetic_images']:>7} {syn:>10.4f} "
+                     f"{'-' if rr is None else format(rr, '.4f'):>12} {lead:>8}  {r['seconds_condense']:.1f}s")
     if report.get("full_real"):
         lines.append(f"full real ({report['real_images_available']} images): {report['full_real']['accuracy']:.4f}")
     if report.get("teacher"):

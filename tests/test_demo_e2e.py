@@ -43,6 +43,16 @@ def test_tiny_demo_report(tiny_run, capsys):
     assert (tiny_run / "ipc4" / "grid.png").stat().st_size > 0
 
 
+def test_table_states_the_lead_over_random_real(tiny_run):
+    from server.pipeline import format_table
+    report = json.loads((tiny_run / "report.json").read_text())
+    row = next(line for line in format_table(report).splitlines() if line.split()[:1] == ["4"])
+    syn, rr = report["accuracy"]["synthetic"], report["accuracy"]["random_real"]
+    assert row.split()[2:5] == [f"{syn:.4f}", f"{rr:.4f}", f"{100 * (syn - rr):+.2f}pt"], row
+    del report["per_ipc"][0]["random_real"]
+    assert "pt" not in format_table(report).splitlines()[2], "no baseline, no lead"
+
+
 @pytest.mark.slow
 def test_demo_scale_synthetic_student_beats_chance(tmp_path):
     """Quality needs a chain trained at demo scale (~10 min on 2 cores): make test-all."""
