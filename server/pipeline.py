@@ -67,11 +67,50 @@ def run_ipc(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, ipc: i
               "synthetic": fit_and_score(syn.images, syn.labels, ds.test, cfg.student, device, loss=cfg.student.loss,
                                          desc=f"student ipc{ipc}", teacher=teacher)}
     if "random_real" in cfg.baselines:
-        real = random_real_like(ds.private, syn, cfg.student.seed)
-        result["random_real"] = fit_and_score(real.images, one_hot(real.labels, ds.num_classes), ds.test,
-                                              cfg.student, device, loss=cfg.student.loss,
-                                              desc=f"random real ipc{ipc}", teacher=teacher)
+        result["random_real"] = _random_real_arm(ds, syn, cfg.student, device, f"random real ipc{ipc}", teacher)
+    if cfg.eval_seeds > 1:
+        result["over_seeds"] = _over_seeds(ds, models, pool, cfg, ccfg, result, device, teacher)
     return result
+
+
+def _random_real_arm(ds: Dataset, syn: SyntheticSet, student: StudentConfig, device, desc: str, teacher) -> dict:
+    real = random_real_like(ds.private, syn, student.seed)
+    return fit_and_score(real.images, one_hot(real.labels, ds.num_classes), ds.test, student, device,
+                         loss=student.loss, desc=desc, teacher=teacher)
+
+
+def _over_seeds(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, ccfg, first: dict, device,
+                teacher) -> dict:
+    """`cfg.eval_seeds` repetitions of the IPC's arms: repetition s condenses with seed ccfg.seed + s and
+    trains/draws the random subset with student seed + s (s = 0 is `first`), so that the comparison
+    with random real images is paired per seed and does not rest on one draw of each."""
+    start = time.time()
+    acc = {"synthetic": [first["synthetic"]["accuracy"]]}
+    if "random_real" in first:
+        acc["random_real"] = [first["random_real"]["accuracy"]]
+    for s in range(1, cfg.eval_seeds):
+        syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain,
+                       replace(ccfg, seed=ccfg.seed + s), device)
+        student = replace(cfg.student, seed=cfg.student.seed + s)
+        acc["synthetic"].append(fit_and_score(syn.images, syn.labels, ds.test, student, device, loss=student.loss,
+                                              desc=f"student ipc{ccfg.ipc} seed +{s}", teacher=teacher)["accuracy"])
+        if "random_real" in acc:
+            acc["random_real"].append(_random_real_arm(ds, syn, student, device,
+                                                       f"random real ipc{ccfg.ipc} seed +{s}", teacher)["accuracy"])
+    return {"seed_offsets": list(range(cfg.eval_seeds)), "accuracy": acc, **paired_lead(acc),
+            "seconds": time.time() - start}
+
+
+def paired_lead(acc: dict) -> dict:
+    """Mean and std of each arm over seeds, and the synthetic set's paired lead over random real images:
+    mean per-seed difference, its standard error, and the seeds it wins."""
+    out = {f"mean_{k}": float(np.mean(v)) for k, v in acc.items()}
+    out.update({f"std_{k}": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in acc.items()})
+    if "random_real" in acc:
+        d = np.subtract(acc["synthetic"], acc["random_real"])
+        out.update(lead=float(d.mean()), lead_se=float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0,
+                   wins=int((d > 0).sum()), seeds=len(d))
+    return out
 
 
 def run_full_real(ds: Dataset, cfg: DemoConfig, device: torch.device, teacher=None) -> dict:
@@ -159,6 +198,7 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
         "real_images_available": real_available, "public_images": len(ds.public), "test_images": len(ds.test),
         "accuracy": {"synthetic": acc(main, "synthetic"), "random_real": acc(main, "random_real"),
                      "full_real": full["accuracy"] if full else None},
+        "over_seeds": main.get("over_seeds"),
         "student_loss": cfg.student.loss, "teacher": info.get("teacher"),
         "teacher_view": teacher_view_strength(cfg.student.loss, cfg.student.teacher_strength) if info.get("teacher") else None,
         "seconds": {"pretrain": info["pretrain"], "encode": info.get("encode"),
@@ -166,11 +206,20 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
                     "collect": info.get("federation", {}).get("collect_seconds"),
                     "condense": sum(r["seconds_condense"] for r in per_ipc),
                     "student": sum(r[k]["seconds"] for r in per_ipc for k in ("synthetic", "random_real") if k in r)
-                               + (full["seconds"] if full else 0.0)},
+                               + (full["seconds"] if full else 0.0),
+                    "over_seeds": sum(r["over_seeds"]["seconds"] for r in per_ipc if "over_seeds" in r)},
         "federation": info.get("federation"), "privacy": info.get("privacy"),
         "per_ipc": per_ipc, "full_real": full,
         "device": device_name(device), "checkpoints": info["checkpoints"], "config": to_jsonable(cfg),
     }
+
+
+def format_over_seeds(o: dict) -> str:
+    text = f"over {len(o['seed_offsets'])} seeds: synthetic {o['mean_synthetic']:.4f} ± {o['std_synthetic']:.4f}"
+    if "lead" in o:
+        text += (f", random real {o['mean_random_real']:.4f} ± {o['std_random_real']:.4f}; paired lead "
+                 f"{100 * o['lead']:+.2f} ± {100 * o['lead_se']:.2f}pt, wins {o['wins']} of {o['seeds']}")
+    return text
 
 
 def format_table(report: dict) -> str:
@@ -181,6 +230,8 @@ def format_table(report: dict) -> str:
         lead = "" if rr is None else f"{100 * (syn - rr):+.2f}pt"
         lines.append(f"{r['ipc']:>4} {r['synthetic_images']:>7} {syn:>10.4f} "
                      f"{'-' if rr is None else format(rr, '.4f'):>12} {lead:>8}  {r['seconds_condense']:.1f}s")
+        if "over_seeds" in r:
+            lines.append("     " + format_over_seeds(r["over_seeds"]))
     if report.get("full_real"):
         lines.append(f"full real ({report['real_images_available']} images): {report['full_real']['accuracy']:.4f}")
     if report.get("teacher"):
@@ -189,8 +240,9 @@ def format_table(report: dict) -> str:
                      f"{t['accuracy']:.4f}")
     s = report["seconds"]
     moved = f"encode {s['encode']:.1f}" if s.get("encode") is not None else f"collect {s['collect']:.1f}"
+    extra = f", over seeds {s['over_seeds']:.0f}" if s.get("over_seeds") else ""
     lines.append(f"seconds: pretrain {s['pretrain']:.0f}, {moved}, condense {s['condense']:.1f}, "
-                 f"student {s['student']:.0f}  | {report['mode']} | device {report['device']}")
+                 f"student {s['student']:.0f}{extra}  | {report['mode']} | device {report['device']}")
     if report.get("privacy"):
         p = report["privacy"]
         lines.append("privacy: no differential privacy (epsilon = inf); latents sealed in transit only"

@@ -113,6 +113,7 @@ class DemoConfig:
     federation: Optional[FederationConfig] = field(default_factory=FederationConfig)   # None: single machine
     ipcs: tuple[int, ...] = (10,)
     baselines: tuple[str, ...] = ("random_real", "full_real")
+    eval_seeds: int = 1                     # per IPC: seeds 0..n-1 added to the condense/student seeds (paired stats)
     device: str = "auto"
 
 

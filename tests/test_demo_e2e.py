@@ -19,7 +19,7 @@ TINY = ["--local", "--train-limit", "1500", "--test-limit", "500", "--T", "5", "
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "run"
-    assert main(["demo", "--out", str(out), "--ipc", "4", *TINY]) == 0
+    assert main(["demo", "--out", str(out), "--ipc", "4", "--eval-seeds", "2", *TINY]) == 0
     return out
 
 
@@ -41,6 +41,34 @@ def test_tiny_demo_report(tiny_run, capsys):
     syn = SyntheticSet.load(tiny_run / "ipc4")
     assert torch.isfinite(syn.images).all() and syn.images.abs().max() <= 1
     assert (tiny_run / "ipc4" / "grid.png").stat().st_size > 0
+
+
+def test_eval_seeds_pair_each_seed_with_its_own_random_subset(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    o = report["over_seeds"]
+    assert o["seed_offsets"] == [0, 1] and o["seeds"] == 2
+    syn, rr = o["accuracy"]["synthetic"], o["accuracy"]["random_real"]
+    assert syn[0] == report["accuracy"]["synthetic"] and rr[0] == report["accuracy"]["random_real"], "seed 0: the main run"
+    assert all(0.0 <= a <= 1.0 for a in syn + rr) and len(syn) == len(rr) == 2
+    diffs = [a - b for a, b in zip(syn, rr)]
+    assert o["lead"] == pytest.approx(sum(diffs) / 2) and o["wins"] == sum(d > 0 for d in diffs)
+    assert o["mean_synthetic"] == pytest.approx(sum(syn) / 2) and report["seconds"]["over_seeds"] > 0
+    from server.pipeline import format_table
+    assert f"paired lead {100 * o['lead']:+.2f}" in format_table(report)
+
+
+def test_paired_lead_figures():
+    from server.pipeline import paired_lead
+    out = paired_lead({"synthetic": [0.81, 0.80, 0.82], "random_real": [0.80, 0.81, 0.80]})
+    assert out["lead"] == pytest.approx(0.02 / 3) and out["wins"] == 2 and out["seeds"] == 3
+    assert out["lead_se"] == pytest.approx(0.0152753 / 3 ** 0.5, rel=1e-4)    # std of (+.01, -.01, +.02)
+    assert out["std_random_real"] == pytest.approx(0.0057735, rel=1e-4)
+    assert "lead" not in paired_lead({"synthetic": [0.8]}), "no baseline arm, no lead"
+
+
+def test_eval_seeds_below_one_is_refused(capsys):
+    assert main(["demo", "--out", "/nonexistent/never-written", "--eval-seeds", "0", *TINY]) == 2
+    assert "--eval-seeds must be >= 1" in capsys.readouterr().err
 
 
 def test_table_states_the_lead_over_random_real(tiny_run):
