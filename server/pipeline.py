@@ -83,7 +83,8 @@ def _over_seeds(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, cc
                 teacher) -> dict:
     """`cfg.eval_seeds` repetitions of the IPC's arms: repetition s condenses with seed ccfg.seed + s and
     trains/draws the random subset with student seed + s (s = 0 is `first`), so that the comparison
-    with random real images is paired per seed and does not rest on one draw of each."""
+    with random real images is paired per seed and does not rest on one draw of each. Only repetition 0's
+    synthetic set is saved."""
     start = time.time()
     acc = {"synthetic": [first["synthetic"]["accuracy"]]}
     if "random_real" in first:
@@ -215,10 +216,11 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
 
 
 def format_over_seeds(o: dict) -> str:
+    """One line: each arm's mean ± std over the seeds, then the paired lead ± its standard error."""
     text = f"over {len(o['seed_offsets'])} seeds: synthetic {o['mean_synthetic']:.4f} ± {o['std_synthetic']:.4f}"
     if "lead" in o:
-        text += (f", random real {o['mean_random_real']:.4f} ± {o['std_random_real']:.4f}; paired lead "
-                 f"{100 * o['lead']:+.2f} ± {100 * o['lead_se']:.2f}pt, wins {o['wins']} of {o['seeds']}")
+        text += (f", random real {o['mean_random_real']:.4f} ± {o['std_random_real']:.4f} (mean ± std); paired lead "
+                 f"{100 * o['lead']:+.2f} ± {100 * o['lead_se']:.2f}pt (± SE), wins {o['wins']} of {o['seeds']}")
     return text
 
 
