@@ -64,19 +64,23 @@ def run_ipc(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, ipc: i
     syn.save(out / f"ipc{ipc}", ds.class_names)
     result = {"ipc": ipc, "synthetic_images": len(syn), "real_images_used": syn.meta["real_latents_used"],
               "seconds_condense": syn.meta["seconds"],
-              "synthetic": fit_and_score(syn.images, syn.labels, ds.test, cfg.student, device, loss=cfg.student.loss,
-                                         desc=f"student ipc{ipc}", teacher=teacher)}
-    if "random_real" in cfg.baselines:
-        result["random_real"] = _random_real_arm(ds, syn, cfg.student, device, f"random real ipc{ipc}", teacher)
+              **_score_arms(ds, syn, cfg, cfg.student, device, teacher, f"ipc{ipc}")}
     if cfg.eval_seeds > 1:
         result["over_seeds"] = _over_seeds(ds, models, pool, cfg, ccfg, result, device, teacher)
     return result
 
 
-def _random_real_arm(ds: Dataset, syn: SyntheticSet, student: StudentConfig, device, desc: str, teacher) -> dict:
-    real = random_real_like(ds.private, syn, student.seed)
-    return fit_and_score(real.images, one_hot(real.labels, ds.num_classes), ds.test, student, device,
-                         loss=student.loss, desc=desc, teacher=teacher)
+def _score_arms(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: StudentConfig, device, teacher,
+                tag: str) -> dict:
+    """The synthetic arm, and the random real arm of the same per-class counts (drawn with the student's
+    seed) when `cfg.baselines` asks for it; both with `student`'s recipe."""
+    arms = {"synthetic": fit_and_score(syn.images, syn.labels, ds.test, student, device, loss=student.loss,
+                                       desc=f"student {tag}", teacher=teacher)}
+    if "random_real" in cfg.baselines:
+        real = random_real_like(ds.private, syn, student.seed)
+        arms["random_real"] = fit_and_score(real.images, one_hot(real.labels, ds.num_classes), ds.test, student,
+                                            device, loss=student.loss, desc=f"random real {tag}", teacher=teacher)
+    return arms
 
 
 def _over_seeds(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, ccfg, first: dict, device,
@@ -86,18 +90,14 @@ def _over_seeds(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, cc
     with random real images is paired per seed and does not rest on one draw of each. Only repetition 0's
     synthetic set is saved."""
     start = time.time()
-    acc = {"synthetic": [first["synthetic"]["accuracy"]]}
-    if "random_real" in first:
-        acc["random_real"] = [first["random_real"]["accuracy"]]
+    acc = {k: [first[k]["accuracy"]] for k in ("synthetic", "random_real") if k in first}
     for s in range(1, cfg.eval_seeds):
         syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain,
                        replace(ccfg, seed=ccfg.seed + s), device)
-        student = replace(cfg.student, seed=cfg.student.seed + s)
-        acc["synthetic"].append(fit_and_score(syn.images, syn.labels, ds.test, student, device, loss=student.loss,
-                                              desc=f"student ipc{ccfg.ipc} seed +{s}", teacher=teacher)["accuracy"])
-        if "random_real" in acc:
-            acc["random_real"].append(_random_real_arm(ds, syn, student, device,
-                                                       f"random real ipc{ccfg.ipc} seed +{s}", teacher)["accuracy"])
+        arms = _score_arms(ds, syn, cfg, replace(cfg.student, seed=cfg.student.seed + s), device, teacher,
+                           f"ipc{ccfg.ipc} seed +{s}")
+        for k, r in arms.items():
+            acc[k].append(r["accuracy"])
     return {"seed_offsets": list(range(cfg.eval_seeds)), "accuracy": acc, **paired_lead(acc),
             "seconds": time.time() - start}
 
