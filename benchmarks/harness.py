@@ -50,6 +50,7 @@ class BenchConfig:
     full_steps: int = 400
     scaling_sizes: tuple = (1000, 5000, 20000, 0)     # 0 = all
     scaling_T: tuple = ()                             # extra T values to train chains for (costly on CPU)
+    speed_images: int = 1000                          # the time-vs-T curve condenses this many (issue 2: 1,000 at T=20)
     device: str = "auto"
 
 
@@ -143,7 +144,8 @@ def scaling(ctx) -> dict:
         if arm in ctx["models"]:
             chains.setdefault(ctx["models"][arm][1].T, ctx["models"][arm])
     for T, (models_T, cfg_T) in sorted(chains.items()):
-        syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models_T, cfg_T, CondenseConfig(ipc=100), dev)
+        speed = CondenseConfig(ipc=max(1, ctx["cfg"].speed_images // ds.num_classes))
+        syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models_T, cfg_T, speed, dev)
         by_T.append({"T": T, "synthetic_images": len(syn), "seconds": syn.meta["seconds"]})
     return {"vs_real_latents": rows, "vs_T": by_T}
 
@@ -263,7 +265,8 @@ def plot(doc: dict, stem: Path) -> None:
     axes[2].set(xscale="log", yscale="log", xlabel="real latents (max coverage)", ylabel="seconds", title="Scaling")
     by_T = doc["scaling"].get("vs_T", [])
     axes[3].plot([r["T"] for r in by_T], [r["seconds"] for r in by_T], marker="o")
-    axes[3].set(xlabel="T (real images per synthetic image)", ylabel="seconds for 1,000 images", title="Time vs T")
+    images = f"{by_T[0]['synthetic_images']:,}" if by_T else "the"
+    axes[3].set(xlabel="T (real images per synthetic image)", ylabel=f"seconds for {images} images", title="Time vs T")
     for ax in axes[:2]:
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -22,6 +22,7 @@ from server.pool import LatentPool
 from shared.accounting import default_delta, noise_for_epsilon
 from shared.config import DemoConfig, FederationConfig
 from shared.data import ImageSplit
+from shared.device import keep_freed_memory
 
 log = logging.getLogger("fedcondense.server")
 
@@ -60,7 +61,7 @@ def calibrate_privacy(cfg: DemoConfig, e1, ds) -> tuple[DemoConfig, float | None
 def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     """Map `[tool.flwr.app.config]` keys onto the typed config (unknown keys are an error)."""
     known = {"out", "clients", "alpha", "iid", "ipc", "T", "layout", "device", "train-limit", "test-limit",
-             "ae-steps", "chain-steps", "module-steps", "student-steps", "full-epochs", "timeout",
+             "ae-steps", "chain-steps", "chain-batch", "module-steps", "student-steps", "full-epochs", "timeout",
              "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student", "student-loss", "prediction",
              "teacher-steps", "guidance", "guidance-terms"}
     unknown = set(run_config) - known
@@ -95,6 +96,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    keep_freed_memory()
     cfg, out = config_from_run_config(dict(context.run_config))
     report = run_federated(grid, cfg, out)
     log.info("report written to %s (synthetic accuracy %.4f)", out / "report.json", report["accuracy"]["synthetic"])

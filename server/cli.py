@@ -210,7 +210,7 @@ def _benchmarks():
 
 SCALES = {  # bench presets: smoke (tests), demo (a CPU in ~1 h), full (issue 6's grid)
     "smoke": dict(ipcs=(1,), seeds=(0,), arms=("ours", "random_real", "dm", "full_real"), dm_iterations=3,
-                  full_steps=10, scaling_sizes=(200, 0)),
+                  full_steps=10, scaling_sizes=(200, 0), speed_images=100),
     "demo": dict(ipcs=(1, 10, 50), seeds=(0,), arms=("ours", "random_real", "dm", "full_real"),
                  dm_iterations=200, full_steps=100, scaling_sizes=(1000, 5000, 20000)),
     "full": dict(),
@@ -342,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from shared.device import CPU_PRECISION_ENV, keep_freed_memory
+    keep_freed_memory()
     if getattr(args, "cpu_precision", None):
-        from shared.device import CPU_PRECISION_ENV
         os.environ[CPU_PRECISION_ENV] = args.cpu_precision       # env: reaches Flower's app processes too
     try:
         return args.fn(args)

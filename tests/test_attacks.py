@@ -10,19 +10,22 @@ from shared.data import load_dataset
 
 
 def test_leaky_student_is_flagged_by_both_attacks():
-    ds = load_dataset(DataConfig(public_size=500, train_limit=600, test_limit=100))
-    members, others = ds.private.subset(range(0, 100)), ds.private.subset(range(100, 200))
-    cfg = StudentConfig(model="convnet3_w32", steps=300, batch_size=100, augment="none", lr=0.05, weight_decay=0.0)
+    """50 members, 200 full-batch steps without augmentation: the student memorises them. Measured on a 2-core
+    AVX2 CPU: loss-threshold / LiRA AUC 0.79 / 0.83 in 21 s; 100 members at 300 steps gave 0.77 / 0.72 in 53 s."""
+    n = 50
+    ds = load_dataset(DataConfig(public_size=500, train_limit=4 * n, test_limit=100))
+    members, others = ds.private.subset(range(0, n)), ds.private.subset(range(n, 2 * n))
+    cfg = StudentConfig(model="convnet3_w32", steps=200, batch_size=n, augment="none", lr=0.05, weight_decay=0.0)
     onehot = lambda s: F.one_hot(s.labels, 10).float()
     target = train_student(members.images, onehot(members), cfg, torch.device("cpu"))
     x = torch.cat([members.images, others.images])
     y = torch.cat([members.labels, others.labels])
-    is_member = np.r_[np.ones(100), np.zeros(100)]
+    is_member = np.r_[np.ones(n), np.zeros(n)]
     scores = attacks.example_scores(target, x, y)
     loss_attack = attacks.loss_threshold_attack(scores, is_member)
     shadows = []
     for k in range(2):        # OUT shadows: trained on disjoint real images
-        part = ds.private.subset(range(200 + 100 * k, 300 + 100 * k))
+        part = ds.private.subset(range(2 * n + n * k, 3 * n + n * k))
         shadow = train_student(part.images, onehot(part), StudentConfig(**{**cfg.__dict__, "seed": k + 1}), torch.device("cpu"))
         shadows.append(attacks.example_scores(shadow, x, y))
     lira = attacks.lira_offline(scores, np.stack(shadows), is_member)

@@ -8,7 +8,7 @@ from shared.config import StudentConfig
 
 # Same data and chain settings as tests/test_demo_e2e.py: the chain comes from the session cache.
 TINY = ["--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "60", "--chain-steps", "40",
-        "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "20", "--teacher-steps", "10", "--device", "cpu"]
+        "--chain-batch", "32", "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "20", "--teacher-steps", "10", "--device", "cpu"]
 
 
 def test_bench_smoke(tmp_path):
@@ -26,6 +26,7 @@ def test_bench_smoke(tmp_path):
     assert ours["condense_seconds"] > 0 and dm["condense_seconds"] > 0
     assert doc["client"]["uplink_bytes_per_image"] < doc["client"]["raw_bytes_per_image"]
     assert [r["real_latents"] for r in doc["scaling"]["vs_real_latents"]] == [200, 1500]
+    assert [r["synthetic_images"] for r in doc["scaling"]["vs_T"]] == [100], "the smoke scale times 100 images"
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
     assert main(["bench-table", str(files[0]), "--readme", str(readme)]) == 0
