@@ -38,6 +38,9 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8      # mallopt options (glibc's malloc.h)
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Keep freed tensor memory in the process for the next training step (glibc's mallopt): large
@@ -48,13 +51,11 @@ def keep_freed_memory() -> bool:
     training 1.4x faster with 20-28x fewer page faults. Once per process; False where libc is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return all(libc.mallopt(option, value) for option, value in
-                   ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 30)))
+        applied = [libc.mallopt(option, value) for option, value in
+                   ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 30))]
+        return all(applied)
     except (OSError, AttributeError):
         return False
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8      # glibc's malloc.h
 
 
 CPU_PRECISION_ENV = "FEDCONDENSE_CPU_PRECISION"      # auto | bf16 | fp32 (`--cpu-precision`)

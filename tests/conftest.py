@@ -5,10 +5,6 @@ import pytest
 os.environ.setdefault("FEDCONDENSE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from shared.device import keep_freed_memory  # noqa: E402  (as the CLI does: tests train in this process)
-
-keep_freed_memory()
-
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):

@@ -7,7 +7,7 @@ from server.cli import main
 from shared.config import StudentConfig
 
 # Same data and chain settings as tests/test_demo_e2e.py: the chain comes from the session cache.
-TINY = ["--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "60", "--chain-steps", "40",
+TINY = ["--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "30", "--chain-steps", "40",
         "--chain-batch", "32", "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "20", "--teacher-steps", "10", "--device", "cpu"]
 
 

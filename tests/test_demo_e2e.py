@@ -11,7 +11,7 @@ from server.cli import main
 from server.condense import SyntheticSet
 from shared.config import StudentConfig
 
-TINY = ["--local", "--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "60", "--chain-steps", "40",
+TINY = ["--local", "--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "30", "--chain-steps", "40",
         "--chain-batch", "32", "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "100", "--full-epochs", "0.5", "--teacher-steps", "30",
         "--device", "cpu"]
 

@@ -8,7 +8,7 @@ import pytest
 from server.certs import make_certificates
 from tests.flower_cluster import BIN, REPO, Cluster
 
-TINY = ("clients=3 train-limit=1200 test-limit=300 T=5 ae-steps=60 chain-steps=30 chain-batch=32 module-steps=1 "
+TINY = ("clients=3 train-limit=1200 test-limit=300 T=5 ae-steps=30 chain-steps=30 chain-batch=32 module-steps=1 "
         "student='convnet3_w32' student-steps=20 student-loss='soft_ce' teacher-steps=10 ipc=2 no-full=true timeout=20 chunk-size=150")
 
 

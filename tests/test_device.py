@@ -73,7 +73,7 @@ def step():
     opt.step()
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(2):
     step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """

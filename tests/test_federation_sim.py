@@ -10,7 +10,7 @@ from shared.config import DataConfig
 from shared.data import load_dataset
 
 TINY = ["--clients", "3", "--alpha", "0.5", "--train-limit", "1500", "--test-limit", "500", "--T", "5",
-        "--ae-steps", "60", "--chain-steps", "40", "--chain-batch", "32", "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "60", "--student-loss", "soft_ce", "--teacher-steps", "10", "--no-full",
+        "--ae-steps", "30", "--chain-steps", "40", "--chain-batch", "32", "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "60", "--student-loss", "soft_ce", "--teacher-steps", "10", "--no-full",
         "--chunk-size", "300", "--device", "cpu", "--target-epsilon", "8"]
 
 
