@@ -143,8 +143,8 @@ def scaling(ctx) -> dict:
     for arm in ("ours", "ours_t10"):                   # chains trained anyway join the time-vs-T curve
         if arm in ctx["models"]:
             chains.setdefault(ctx["models"][arm][1].T, ctx["models"][arm])
+    speed = CondenseConfig(ipc=max(1, ctx["cfg"].speed_images // ds.num_classes))
     for T, (models_T, cfg_T) in sorted(chains.items()):
-        speed = CondenseConfig(ipc=max(1, ctx["cfg"].speed_images // ds.num_classes))
         syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models_T, cfg_T, speed, dev)
         by_T.append({"T": T, "synthetic_images": len(syn), "seconds": syn.meta["seconds"]})
     return {"vs_real_latents": rows, "vs_T": by_T}
