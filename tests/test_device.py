@@ -83,7 +83,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_training_steps_reuse_freed_memory():
     """With `keep_freed_memory`, ConvNet-3's training steps (batch 100: 52 MB activations) reuse freed
     heap memory; by default glibc unmaps them and every step page-faults them afresh (session 14:
-    20-28x the faults, and 1.3-1.4x the time, on a 2-core AVX2 CPU."""
+    20-28x the faults, and 1.3-1.4x the time, on a 2-core AVX2 CPU)."""
     run = lambda mode: int(subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True,
                                           check=True, cwd=Path(__file__).parents[1]).stdout)
     default, kept = run("default"), run("keep")
