@@ -15,8 +15,10 @@ export RAY_USAGE_STATS_ENABLED=0
 demo: $(STAMP) data
 	$(BIN)/fedcondense demo --out $(OUT)
 
+# Two pytest-xdist workers, one test file each at a time (module fixtures stay in one worker); the
+# workers share the session's checkpoint cache (tests/conftest.py) and split the cores between them.
 test: $(STAMP) data browser
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=10
 
 test-all: $(STAMP) data browser
 	$(BIN)/python -m pytest -q
@@ -27,12 +29,13 @@ bench: $(STAMP) data
 venv: $(STAMP)
 
 # torch/torchvision pinned to the pair that lies on these machines' disk (see DEVELOPERS.md);
-# pyproject keeps a loose range for users elsewhere.
+# pyproject keeps a loose range for users elsewhere. --no-compile: bytecode is written on first import
+# instead of for every file of torch (the build takes 85 s instead of 126 s on 2 cores).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-compile -U pip
+	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-compile -e ".[dev]"
 	touch $(STAMP)
 
 # Default dataset: full Fashion-MNIST from Debian (offline, see docs/data.md).

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shared.cache import cache_dir, to_jsonable
+from shared.cache import building, cache_dir, to_jsonable
 from shared.config import AutoencoderConfig, ChainConfig
 from shared.device import autocast, cpu_bf16_key
 from shared.models.first_encoder import Decoder, FirstEncoder
@@ -106,13 +106,15 @@ def finetune_decoder(enc: FirstEncoder, dec: Decoder, images: torch.Tensor, cfg:
 def load_or_train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torch.device) -> tuple[FirstEncoder, Decoder, dict]:
     """Returns (E1, D, info) with info['seconds'] = 0 on a cache hit."""
     path = cache_dir("autoencoder", cfg, fingerprint(images), *cpu_bf16_key(device))
-    start = time.time()
-    if not path.exists():
-        enc, dec = train_autoencoder(images, cfg, device)
-        _save(path, {"first_encoder": enc, "decoder": dec}, {"config": to_jsonable(cfg), "images": len(images)})
+    start, trained = time.time(), False
+    with building(path):
+        if not path.exists():
+            enc, dec = train_autoencoder(images, cfg, device)
+            _save(path, {"first_encoder": enc, "decoder": dec}, {"config": to_jsonable(cfg), "images": len(images)})
+            trained = True
     enc = FirstEncoder.from_pretrained(path / "first_encoder", low_cpu_mem_usage=False).to(device).eval()
     dec = Decoder.from_pretrained(path / "decoder", low_cpu_mem_usage=False).to(device).eval()
-    return enc, dec, {"path": str(path), "seconds": time.time() - start}
+    return enc, dec, {"path": str(path), "seconds": time.time() - start, "trained": trained}
 
 
 # ---------------------------------------------------------------- chain
@@ -185,16 +187,18 @@ def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.d
     start, key = time.time(), fingerprint(latents)
     shared_cfg = replace(cfg, layout="shared", module_steps=0)
     shared_path = cache_dir("chain", shared_cfg, key)
-    if not shared_path.exists():
-        e2, est = train_shared(latents, shared_cfg, device)
-        _save(shared_path, {"second_encoder": e2, "noise_estimators": est}, {"config": to_jsonable(shared_cfg)})
+    with building(shared_path):
+        if not shared_path.exists():
+            e2, est = train_shared(latents, shared_cfg, device)
+            _save(shared_path, {"second_encoder": e2, "noise_estimators": est}, {"config": to_jsonable(shared_cfg)})
     path = shared_path
     if cfg.layout == "separate":
         path = cache_dir("chain", cfg, key)
-        if not path.exists():
-            e2, est = load_chain(shared_path, device)
-            sep = finetune_separate(latents, cfg, e2, est, device)
-            _save(path, {"noise_estimators": sep}, {"config": to_jsonable(cfg), "second_encoder": str(shared_path)})
+        with building(path):
+            if not path.exists():
+                e2, est = load_chain(shared_path, device)
+                sep = finetune_separate(latents, cfg, e2, est, device)
+                _save(path, {"noise_estimators": sep}, {"config": to_jsonable(cfg), "second_encoder": str(shared_path)})
     e2, est = load_chain(path, device)
     return e2, est, {"path": str(path), "seconds": time.time() - start}
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from server.pretrain import fingerprint
-from shared.cache import cache_dir
+from shared.cache import building, cache_dir
 from shared.models.first_encoder import FirstEncoder
 from shared.models.second_encoder import SecondEncoder
 from shared.device import autocast, cpu_bf16_key
@@ -74,14 +74,15 @@ def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Ten
     path = cache_dir("teacher", fingerprint(latents), fingerprint(labels.float()), steps,
                      fingerprint(torch.cat([p.flatten() for p in models["second_encoder"].parameters()])),
                      *cpu_bf16_key(device))
-    if (path / "teacher.pt").exists():
-        teacher = load_teacher(path, models["first_encoder"], models["second_encoder"], num_classes, device)
-        return teacher, {"seconds": 0.0, "steps": steps, "cached": str(path), "path": str(path)}
-    teacher, info = train_teacher(models["first_encoder"], models["second_encoder"], latents, labels, num_classes,
-                                  device, steps=steps)
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(teacher.state_dict(), path / "teacher.pt.tmp")
-    (path / "teacher.pt.tmp").rename(path / "teacher.pt")
+    with building(path):
+        if (path / "teacher.pt").exists():
+            teacher = load_teacher(path, models["first_encoder"], models["second_encoder"], num_classes, device)
+            return teacher, {"seconds": 0.0, "steps": steps, "cached": str(path), "path": str(path)}
+        teacher, info = train_teacher(models["first_encoder"], models["second_encoder"], latents, labels, num_classes,
+                                      device, steps=steps)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(teacher.state_dict(), path / "teacher.pt.tmp")
+        (path / "teacher.pt.tmp").rename(path / "teacher.pt")
     return teacher, {**info, "path": str(path)}
 
 

@@ -1,11 +1,18 @@
 """Checkpoint cache under ~/.cache/fedcondense, keyed by a hash of the config that built it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:                # not POSIX: entries are still written atomically, only not waited for
+    fcntl = None
 
 
 def cache_root() -> Path:
@@ -33,3 +40,25 @@ def cache_dir(kind: str, *parts) -> Path:
     """Directory for one cached artefact; it holds `config.json` describing what built it."""
     path = cache_root() / f"{kind}-{config_hash(*parts)}"
     return path
+
+
+@contextlib.contextmanager
+def building(path: Path):
+    """Hold one cache entry while checking for it and building it: a second process that wants the same
+    checkpoint (two runs, or test workers, sharing a cache) waits, then loads the first one's instead of
+    training it again and racing it for the same temporary folder. An flock on `<entry>.lock`: the
+    kernel releases it when its holder exits, crashed or not."""
+    if fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process building {path.name} ...", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -198,3 +198,30 @@ def test_chain_reads_the_estimators_output_as_configured(tiny_models, prediction
 def test_unknown_prediction_is_a_clear_error():
     with pytest.raises(ValueError, match="v_prediction"):
         make_scheduler(5, "squaredcos_cap_v2", prediction="x0")
+
+
+def test_concurrent_runs_build_a_shared_checkpoint_once(tmp_path, monkeypatch, capsys):
+    """Two runs sharing one cache ask for the same autoencoder at once (threads here: flock holds between
+    open files, in one process or two): one trains it, the other waits and loads it. Without the lock
+    both trained it and raced to rename the same temporary folder."""
+    import threading
+    import time
+    import server.pretrain as pretrain
+    from shared.config import AutoencoderConfig
+    monkeypatch.setenv("FEDCONDENSE_CACHE", str(tmp_path))
+    train = pretrain.train_autoencoder
+    monkeypatch.setattr(pretrain, "train_autoencoder", lambda *args: (time.sleep(1), train(*args))[1])
+    images = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cfg = AutoencoderConfig(encoder_channels=(8, 16), decoder_channels=(16, 8, 8), steps=4, batch_size=16)
+    results = []
+    run = lambda: results.append(pretrain.load_or_train_autoencoder(images, cfg, torch.device("cpu")))
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(info["trained"] for _, _, info in results) == [False, True]
+    (a, _, _), (b, _, _) = results
+    assert torch.equal(a.conv_out.weight, b.conv_out.weight), "the waiting run loads the checkpoint the other built"
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()] == ["autoencoder"]
+    assert "waiting for another process building autoencoder-" in capsys.readouterr().err
