@@ -8,8 +8,10 @@ import pytest
 from server.certs import make_certificates
 from tests.flower_cluster import BIN, REPO, Cluster
 
+# timeout: each request starts a fresh ClientApp process on every node (~5 s of CPU to import torch and
+# diffusers); beside `make test`'s other worker, healthy nodes once took over 20 s and all three were dropped.
 TINY = ("clients=3 train-limit=1200 test-limit=300 T=5 ae-steps=30 chain-steps=30 chain-batch=32 module-steps=1 "
-        "student='convnet3_w32' student-steps=20 student-loss='soft_ce' teacher-steps=10 ipc=2 no-full=true timeout=20 chunk-size=150")
+        "student='convnet3_w32' student-steps=20 student-loss='soft_ce' teacher-steps=10 ipc=2 no-full=true timeout=40 chunk-size=150")
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +37,15 @@ def start_run(cluster, out):
 
 
 def wait_report(proc, out, timeout=420):
+    """The run's report; a run whose `flwr run --stream` has ended without one fails at once, with its log."""
     deadline = time.time() + timeout
+    ended = None
     while time.time() < deadline and not (out / "report.json").exists():
-        time.sleep(2)
+        if ended is None and proc.poll() is not None:
+            ended = time.time()
+        if ended is not None and time.time() > ended + 10:
+            break
+        time.sleep(1)
     proc.kill()
     assert (out / "report.json").exists(), (out.parent / f"{out.name}.flwr.log").read_text(errors="replace")[-3000:]
     return json.loads((out / "report.json").read_text())
