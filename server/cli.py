@@ -210,7 +210,7 @@ def _benchmarks():
 
 SCALES = {  # bench presets: smoke (tests), demo (a CPU in ~1 h), full (issue 6's grid)
     "smoke": dict(ipcs=(1,), seeds=(0,), arms=("ours", "random_real", "dm", "full_real"), dm_iterations=3,
-                  full_steps=10, scaling_sizes=(200, 0), speed_images=100),
+                  full_steps=10, scaling_sizes=(200, 500), speed_images=100),
     "demo": dict(ipcs=(1, 10, 50), seeds=(0,), arms=("ours", "random_real", "dm", "full_real"),
                  dm_iterations=200, full_steps=100, scaling_sizes=(1000, 5000, 20000)),
     "full": dict(),

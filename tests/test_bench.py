@@ -25,7 +25,7 @@ def test_bench_smoke(tmp_path):
     dm = next(r for r in doc["summary"] if r["arm"] == "dm")
     assert ours["condense_seconds"] > 0 and dm["condense_seconds"] > 0
     assert doc["client"]["uplink_bytes_per_image"] < doc["client"]["raw_bytes_per_image"]
-    assert [r["real_latents"] for r in doc["scaling"]["vs_real_latents"]] == [200, 1500]
+    assert [r["real_latents"] for r in doc["scaling"]["vs_real_latents"]] == [200, 500]
     assert [r["synthetic_images"] for r in doc["scaling"]["vs_T"]] == [100], "the smoke scale times 100 images"
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
