@@ -15,10 +15,10 @@ export RAY_USAGE_STATS_ENABLED=0
 demo: $(STAMP) data
 	$(BIN)/fedcondense demo --out $(OUT)
 
-# Two pytest-xdist workers that split the cores and share the session's checkpoint cache
-# (tests/conftest.py); files with module fixtures, or sharing checkpoints, name an xdist_group.
+# Two pytest-xdist workers, one test file each at a time (module fixtures stay in one worker); the
+# workers share the session's checkpoint cache (tests/conftest.py) and split the cores between them.
 test: $(STAMP) data browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=10
 
 test-all: $(STAMP) data browser
 	$(BIN)/python -m pytest -q

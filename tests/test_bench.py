@@ -6,10 +6,6 @@ import pytest
 from server.cli import main
 from shared.config import StudentConfig
 
-# One xdist worker runs the bench smoke, then the e2e tests: they share the session's autoencoder, chain
-# and teacher, so the second reuses them instead of waiting on the first's cache lock.
-pytestmark = pytest.mark.xdist_group("tiny_chain")
-
 # Same data and chain settings as tests/test_demo_e2e.py: the chain comes from the session cache.
 TINY = ["--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "30", "--chain-steps", "40",
         "--chain-batch", "32", "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "20", "--teacher-steps", "10", "--device", "cpu"]

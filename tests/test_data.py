@@ -9,9 +9,6 @@ from shared.config import DataConfig
 from shared.data import load_dataset, read_idx
 from shared.partition import partition
 
-# Module fixture: keep this file on one xdist worker.
-pytestmark = pytest.mark.xdist_group("test_data")
-
 
 @pytest.fixture(scope="module")
 def fmnist():

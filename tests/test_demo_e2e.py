@@ -11,9 +11,6 @@ from server.cli import main
 from server.condense import SyntheticSet
 from shared.config import StudentConfig
 
-# Same worker as tests/test_bench.py (its checkpoints; see there).
-pytestmark = pytest.mark.xdist_group("tiny_chain")
-
 TINY = ["--local", "--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "30", "--chain-steps", "40",
         "--chain-batch", "32", "--module-steps", "2", "--student", "convnet3_w32", "--student-steps", "100", "--full-epochs", "0.5", "--teacher-steps", "10",
         "--device", "cpu"]

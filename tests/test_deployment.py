@@ -8,9 +8,6 @@ import pytest
 from server.certs import make_certificates
 from tests.flower_cluster import BIN, REPO, Cluster
 
-# Module fixture (the cluster): keep this file on one xdist worker.
-pytestmark = pytest.mark.xdist_group("test_deployment")
-
 # timeout: each request starts a fresh ClientApp process on every node (~5 s of CPU to import torch and
 # diffusers); beside `make test`'s other worker, healthy nodes once took over 20 s and all three were dropped.
 TINY = ("clients=3 train-limit=1200 test-limit=300 T=5 ae-steps=30 chain-steps=30 chain-batch=32 module-steps=1 "

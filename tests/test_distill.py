@@ -9,9 +9,6 @@ from shared.augment import random_affine
 from shared.config import DataConfig, StudentConfig
 from shared.data import load_dataset
 
-# Module fixture: keep this file on one xdist worker.
-pytestmark = pytest.mark.xdist_group("test_distill")
-
 
 @pytest.fixture(scope="module")
 def setup(tiny_models):

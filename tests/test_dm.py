@@ -7,9 +7,6 @@ from shared.config import DataConfig
 from shared.data import load_dataset
 from shared.models.students import ConvNet
 
-# Module fixture: keep this file on one xdist worker.
-pytestmark = pytest.mark.xdist_group("test_dm")
-
 
 def mean_embedding_gap(images, labels, syn, syn_labels, seeds=(101, 102, 103)) -> float:
     """The DM objective without augmentation, averaged over a few fixed random ConvNets."""
