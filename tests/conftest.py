@@ -5,13 +5,11 @@ import pytest
 os.environ.setdefault("FEDCONDENSE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two pytest-xdist workers: each takes its share of the cores (and so do the Flower
-    # processes it starts), instead of each spinning up threads for all of them. On 2 cores this is
-    # 1.27x faster than one process with 2 threads (docs/results.md, session 15).
-    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    os.environ["OMP_NUM_THREADS"] = str(_threads)
-    import torch
-    torch.set_num_threads(_threads)
+    # `make test` runs two pytest-xdist workers, each with every core's thread, and idle OpenMP threads
+    # sleep instead of spinning: when one worker waits (a Flower timeout, a cache lock) the other gets
+    # both cores; when both compute they share them (two spinning 2-thread workers: 1.2 s per ConvNet-3
+    # step instead of 0.7-0.9 s; docs/results.md, session 15). Flower processes inherit the policy.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session", autouse=True)
