@@ -10,8 +10,9 @@ from tests.flower_cluster import BIN, REPO, Cluster
 
 # timeout: each request starts a fresh ClientApp process on every node (~5 s of CPU to import torch and
 # diffusers); beside `make test`'s other worker, healthy nodes once took over 20 s and all three were dropped.
+# chunk-size: the partitions hold 231 / 422 / 547 images, so two rounds, and the killed node has one to go.
 TINY = ("clients=3 train-limit=1200 test-limit=300 T=5 ae-steps=30 chain-steps=30 chain-batch=32 module-steps=1 "
-        "student='convnet3_w32' student-steps=20 student-loss='soft_ce' teacher-steps=10 ipc=2 no-full=true timeout=40 chunk-size=150")
+        "student='convnet3_w32' student-steps=20 student-loss='soft_ce' teacher-steps=10 ipc=2 no-full=true timeout=40 chunk-size=300")
 
 
 @pytest.fixture(scope="module")
