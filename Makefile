@@ -15,8 +15,8 @@ export RAY_USAGE_STATS_ENABLED=0
 demo: $(STAMP) data
 	$(BIN)/fedcondense demo --out $(OUT)
 
-# Two pytest-xdist workers, one test file each at a time (module fixtures stay in one worker); the
-# workers share the session's checkpoint cache (tests/conftest.py) and split the cores between them.
+# Two pytest-xdist workers, one test file each at a time (module fixtures stay in one worker); they
+# share the session's checkpoint cache and the cores, idle threads sleeping (tests/conftest.py).
 test: $(STAMP) data browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=10
 
