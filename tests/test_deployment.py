@@ -40,12 +40,9 @@ def start_run(cluster, out):
 def wait_report(proc, out, timeout=420):
     """The run's report; a run whose `flwr run --stream` has ended without one fails at once, with its log."""
     deadline = time.time() + timeout
-    ended = None
     while time.time() < deadline and not (out / "report.json").exists():
-        if ended is None and proc.poll() is not None:
-            ended = time.time()
-        if ended is not None and time.time() > ended + 10:
-            break
+        if proc.poll() is not None:
+            deadline = min(deadline, time.time() + 10)
         time.sleep(1)
     proc.kill()
     assert (out / "report.json").exists(), (out.parent / f"{out.name}.flwr.log").read_text(errors="replace")[-3000:]
