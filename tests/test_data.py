@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from shared.config import DataConfig
-from shared.data import load_dataset, read_idx
+from shared.data import load_dataset, read_dataset, read_idx, stored_splits
 from shared.partition import partition
 
 
@@ -28,6 +28,30 @@ def test_split_is_deterministic():
     a = load_dataset(DataConfig(public_size=100, train_limit=50, test_limit=10))
     b = load_dataset(DataConfig(public_size=100, train_limit=50, test_limit=10))
     assert (a.private.ids == b.private.ids).all() and (a.test.ids == b.test.ids).all()
+
+
+def test_a_node_converts_only_its_chunk_and_gets_the_same_images(fmnist):
+    """Clients keep their partition as stored (uint8) and convert one chunk at a time: the chunk's images
+    equal the same rows of the fully converted split, and the files are read once per process."""
+    import json
+    from dataclasses import asdict
+    from flwr.app import ConfigRecord
+    from client.app import local_partition
+    cfg = DataConfig(public_size=1000, train_limit=3000, test_limit=500)
+    stored = stored_splits(cfg)
+    rows = [5, 0, 2999, 17]
+    chunk = stored.private.subset(rows).converted()
+    assert chunk.images.dtype == fmnist.private.images.dtype and chunk.images.shape == (4, 1, 32, 32)
+    assert (chunk.images == fmnist.private.images[rows]).all() and (chunk.ids == fmnist.private.ids[rows]).all()
+    record = ConfigRecord({"data_config": json.dumps(asdict(cfg)), "iid": False, "alpha": 0.5, "partition_seed": 0})
+    reads = read_dataset.cache_info().misses
+    parts = [local_partition(record, pid, 3)[0] for pid in (0, 1, 2, 0)]
+    assert read_dataset.cache_info().misses == reads, "the stored arrays are read once per process"
+    ids = np.concatenate([p.ids.numpy() for p in parts[:3]])
+    assert sorted(ids.tolist()) == sorted(fmnist.private.ids.tolist()) and parts[3] is parts[0]
+    first = parts[1].subset([0, 1]).converted()
+    where = [int(np.flatnonzero(fmnist.private.ids.numpy() == i)[0]) for i in first.ids]
+    assert (first.images == fmnist.private.images[where]).all() and (first.labels == fmnist.private.labels[where]).all()
 
 
 def test_missing_dataset_names_the_fix(tmp_path):
