@@ -42,8 +42,20 @@ def test_noise_solver_hits_target(target):
     delta = default_delta(54000)
     sigma = noise_for_epsilon(target, delta)
     assert GaussianRelease(1.0, sigma, delta).epsilon() <= target
-    assert GaussianRelease(1.0, sigma * 0.99, delta).epsilon() > target
+    assert GaussianRelease(1.0, sigma * (1 - 2e-4), delta).epsilon() > target, "the smallest such sigma, to 1e-4"
     assert delta < 1 / 54000
+
+
+@pytest.mark.parametrize("start_off_by", [0.998, 1.002])
+def test_noise_solver_brackets_from_an_inexact_start(monkeypatch, start_off_by):
+    """The analytic start only saves PLD evaluations: from a start 0.2 % off the bracket grows
+    (either way) and the answer is the same smallest sigma; three releases compose."""
+    import shared.accounting as accounting
+    delta, exact = 1e-5, accounting.analytic_noise_multiplier(2.0, 1e-5, 3)
+    monkeypatch.setattr(accounting, "analytic_noise_multiplier", lambda *a: exact * start_off_by)
+    sigma = noise_for_epsilon(2.0, delta, releases=3)
+    assert GaussianRelease(1.0, sigma, delta, 3).epsilon() <= 2.0 < GaussianRelease(1.0, sigma * (1 - 2e-4), delta, 3).epsilon()
+    assert sigma == pytest.approx(exact, rel=2e-4)
 
 
 def test_no_noise_means_no_guarantee():
