@@ -91,8 +91,10 @@ def _feature_channels(model, teacher, probe, taps) -> dict:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-             batch_size: int = 1000) -> float:
-    """Top-1 accuracy as a fraction in [0, 1]."""
+             batch_size: int | None = None) -> float:
+    """Top-1 accuracy as a fraction in [0, 1]. Default batches: 1000 on CUDA, 100 on CPU, where ConvNet-3
+    runs 1.3-1.45x faster than at 1000 (activations nearer the caches) with identical logits (session 16)."""
+    batch_size = batch_size or (1000 if device.type == "cuda" else 100)
     model.eval()
     correct = 0
     for lo in range(0, len(images), batch_size):

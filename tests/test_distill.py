@@ -25,6 +25,17 @@ def test_teacher_learns_from_latents(setup):
     assert evaluate(teacher, ds.test.images, ds.test.labels, torch.device("cpu")) > 0.5
 
 
+def test_evaluation_batches_do_not_change_the_accuracy(setup):
+    """`evaluate` batches by 100 on CPU for speed: the accuracy equals that of batches of 1,000 and of one
+    batch, for the teacher and for an untrained ConvNet-3 (many near-ties, so any drift in logits shows)."""
+    from shared.models.students import build_student
+    ds, teacher = setup
+    torch.manual_seed(0)
+    for model in (teacher, build_student("convnet3", 1, 10)):
+        accs = {evaluate(model, ds.test.images, ds.test.labels, torch.device("cpu"), bs) for bs in (None, 1000, 500)}
+        assert len(accs) == 1, accs
+
+
 def test_distillation_with_teacher_runs_every_family(setup):
     ds, teacher = setup
     x, y = ds.private.images[:100], torch.nn.functional.one_hot(ds.private.labels[:100], 10).float()
