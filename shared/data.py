@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import gzip
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +73,21 @@ class ImageSplit:
 
 @dataclass
 class Dataset:
+    """Splits as float ImageSplits (`load_dataset`), or as stored uint8 StoredSplits (`stored_splits`)."""
     name: str
     num_classes: int
-    public: ImageSplit
-    private: ImageSplit
-    test: ImageSplit
+    public: "ImageSplit | StoredSplit"
+    private: "ImageSplit | StoredSplit"
+    test: "ImageSplit | StoredSplit"
     raw_bytes_per_image: int = 784          # size of one image as stored (uint8), for uplink comparisons
 
     @property
     def class_names(self) -> list[str]:
         return CLASS_NAMES.get(self.name, [str(c) for c in range(self.num_classes)])
+
+    def converted(self) -> "Dataset":
+        return replace(self, public=self.public.converted(), private=self.private.converted(),
+                       test=self.test.converted())
 
 
 def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
@@ -121,17 +126,7 @@ class StoredSplit:
         return ImageSplit(to_tensor(self.pixels, self.image_size), self.labels, self.ids)
 
 
-@dataclass
-class StoredDataset:
-    name: str
-    num_classes: int
-    public: StoredSplit
-    private: StoredSplit
-    test: StoredSplit
-    raw_bytes_per_image: int
-
-
-def stored_splits(cfg: DataConfig) -> StoredDataset:
+def stored_splits(cfg: DataConfig) -> Dataset:
     """Public, private and test splits, deterministic for `cfg.seed`: public first, then the private
     split (cut to `train_limit`); the test split cut to `test_limit`."""
     raw = read_dataset(cfg.dataset, cfg.data_dir)
@@ -147,12 +142,10 @@ def stored_splits(cfg: DataConfig) -> StoredDataset:
         private_idx = private_idx[:cfg.train_limit]
     if cfg.test_limit:
         test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.test_limit])
-    return StoredDataset(cfg.dataset, int(train_y.max()) + 1, train.subset(public), train.subset(private_idx), test,
-                         int(np.prod(raw["train_images"].shape[1:])))
+    return Dataset(cfg.dataset, int(train_y.max()) + 1, train.subset(public), train.subset(private_idx), test,
+                   int(np.prod(raw["train_images"].shape[1:])))
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load, split (`stored_splits`) and convert every split to float images."""
-    s = stored_splits(cfg)
-    return Dataset(s.name, s.num_classes, s.public.converted(), s.private.converted(), s.test.converted(),
-                   s.raw_bytes_per_image)
+    return stored_splits(cfg).converted()
