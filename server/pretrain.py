@@ -198,15 +198,21 @@ def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.d
             if not path.exists():
                 e2, est = load_chain(shared_path, device)
                 sep = finetune_separate(latents, cfg, e2, est, device)
-                _save(path, {"noise_estimators": sep}, {"config": to_jsonable(cfg), "second_encoder": str(shared_path)})
+                _save(path, {"noise_estimators": sep}, {"config": to_jsonable(cfg), "second_encoder": shared_path.name})
     e2, est = load_chain(path, device)
     return e2, est, {"path": str(path), "seconds": time.time() - start}
 
 
 def load_chain(path: Path, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators]:
-    """Load a chain checkpoint; a separate-layout one names the shared checkpoint holding its E2."""
+    """Load a chain checkpoint; a separate-layout one names the shared checkpoint holding its E2, a sibling
+    entry of the same cache (by name, so a moved or copied cache still loads; older entries stored the
+    absolute path, whose last part is that name)."""
+    path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
-    e2_root = Path(meta.get("second_encoder", path))
+    e2_root = path.parent / Path(meta["second_encoder"]).name if "second_encoder" in meta else path
+    if not (e2_root / "second_encoder").is_dir():
+        raise FileNotFoundError(f"chain checkpoint {path} needs the second encoder of {e2_root.name}, which is not "
+                                f"in {path.parent}; copy that entry along, or delete {path} to retrain")
     e2 = SecondEncoder.from_pretrained(e2_root / "second_encoder", low_cpu_mem_usage=False).to(device).eval()
     est = NoiseEstimators.from_pretrained(path / "noise_estimators", low_cpu_mem_usage=False).to(device).eval()
     return e2, est

@@ -1,5 +1,6 @@
 """Model shapes for both layouts, chain determinism, save/load (SPEC §1 claims 1-2)."""
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +226,29 @@ def test_concurrent_runs_build_a_shared_checkpoint_once(tmp_path, monkeypatch, c
     assert torch.equal(a.conv_out.weight, b.conv_out.weight), "the waiting run loads the checkpoint the other built"
     assert [p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()] == ["autoencoder"]
     assert "waiting for another process building autoencoder-" in capsys.readouterr().err
+
+
+def test_a_moved_cache_still_loads_its_separate_chain(tmp_path, monkeypatch):
+    """A `separate` chain entry names the shared entry holding its E2 by name, not by absolute path: a
+    cache moved (or copied onto another machine) loads the same weights and trains nothing."""
+    import shutil
+    import server.pretrain as pretrain
+    from shared.config import ChainConfig
+    old, new = tmp_path / "old", tmp_path / "new"
+    monkeypatch.setenv("FEDCONDENSE_CACHE", str(old))
+    latents = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg = ChainConfig(T=3, unet_channels=(16, 32), second_encoder_channels=32, cross_attention_dim=32,
+                      condition_tokens=4, shared_steps=2, module_steps=1, batch_size=16)
+    e2, est, info = pretrain.load_or_train_chain(latents, cfg, torch.device("cpu"))
+    shutil.move(old, new)
+    monkeypatch.setenv("FEDCONDENSE_CACHE", str(new))
+    monkeypatch.setattr(pretrain, "train_shared", lambda *a: pytest.fail("the moved cache retrained the chain"))
+    e2b, estb, infob = pretrain.load_or_train_chain(latents, cfg, torch.device("cpu"))
+    assert infob["path"].startswith(str(new)) and infob["path"].endswith(info["path"].rsplit("/", 1)[1])
+    for a, b in zip([*e2.parameters(), *est.parameters()], [*e2b.parameters(), *estb.parameters()]):
+        assert torch.equal(a, b)
+    entry = Path(infob["path"])
+    shared = next(p for p in new.iterdir() if p.is_dir() and p != entry)
+    shutil.rmtree(shared)
+    with pytest.raises(FileNotFoundError, match="copy that entry along"):
+        pretrain.load_chain(entry, torch.device("cpu"))
