@@ -20,6 +20,7 @@ from server.pretrain import load_chain
 from server.student import train_student
 from server.teacher import load_teacher
 from shared.accounting import default_delta, noise_for_epsilon
+from shared.cache import cache_root
 from shared.config import ChainConfig, CondenseConfig, DataConfig, StudentConfig
 from shared.data import load_dataset
 from shared.models.first_encoder import Decoder, FirstEncoder
@@ -48,6 +49,17 @@ def resolve_real_index(report: dict, ds, ids: torch.Tensor, run: Path) -> torch.
     return torch.tensor([int(parts[rank_to_pid[int(i) // 10**7]][int(i) % 10**7]) for i in ids.tolist()])
 
 
+def run_checkpoint(report: dict, kind: str) -> Path:
+    """The run's `kind` checkpoint: where report.json recorded it, or the entry of that name in this machine's
+    cache (`FEDCONDENSE_CACHE`), so a run audited elsewhere, or after the cache moved, finds its models."""
+    recorded = Path(report["checkpoints"][kind])
+    for path in (recorded, cache_root() / recorded.name):
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(f"the run's {kind} checkpoint {recorded.name} is neither at {recorded} nor in the cache "
+                            f"{cache_root()}; copy it there (or set FEDCONDENSE_CACHE to the folder that holds it)")
+
+
 class AuditContext:
     def __init__(self, run: Path, device: torch.device, ipc: int | None = None):
         self.run, self.device = Path(run), device
@@ -61,7 +73,7 @@ class AuditContext:
         self.ds = load_dataset(self.data_cfg)
         ipc = ipc or self.report["ipc"]
         self.synthetic = SyntheticSet.load(self.run / f"ipc{ipc}")
-        ckpt = Path(self.report["checkpoints"]["autoencoder"])
+        ckpt = run_checkpoint(self.report, "autoencoder")
         self.e1 = FirstEncoder.from_pretrained(ckpt / "first_encoder", low_cpu_mem_usage=False).to(device).eval()
         self.decoder_config = dict(Decoder.load_config(ckpt / "decoder"))
         used = resolve_real_index(self.report, self.ds, self.synthetic.conditioning.flatten().unique(), self.run)
@@ -89,12 +101,12 @@ def membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
 
 
 def load_run_models(ctx: AuditContext) -> dict:
-    e2, est = load_chain(Path(ctx.report["checkpoints"]["chain"]), ctx.device)
-    ae = Path(ctx.report["checkpoints"]["autoencoder"])
+    e2, est = load_chain(run_checkpoint(ctx.report, "chain"), ctx.device)
+    ae = run_checkpoint(ctx.report, "autoencoder")
     models = {"first_encoder": ctx.e1, "decoder": Decoder.from_pretrained(ae / "decoder", low_cpu_mem_usage=False).to(ctx.device).eval(),
               "second_encoder": e2, "noise_estimators": est}
     if "teacher" in ctx.report["checkpoints"]:
-        models["teacher"] = load_teacher(Path(ctx.report["checkpoints"]["teacher"]), ctx.e1, e2, ctx.ds.num_classes, ctx.device)
+        models["teacher"] = load_teacher(run_checkpoint(ctx.report, "teacher"), ctx.e1, e2, ctx.ds.num_classes, ctx.device)
     return models
 
 

@@ -1,5 +1,6 @@
 """The audit's attacks can fail a run: a deliberately leaky student is flagged (issue 4 acceptance)."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -47,3 +48,18 @@ def test_ssim_and_psnr_sanity():
     noisier = (x + 0.8 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
     assert (attacks.ssim(x, noisy) > attacks.ssim(x, noisier)).all()
     assert (attacks.psnr(x, noisy) > attacks.psnr(x, noisier)).all()
+
+
+def test_an_audit_finds_the_runs_checkpoints_after_the_cache_moved(tmp_path, monkeypatch):
+    """report.json records absolute checkpoint paths; audited on another machine (or after the cache moved),
+    each is found by name in FEDCONDENSE_CACHE, and a missing one is an error that says where to put it."""
+    from server.audit import run_checkpoint
+    (tmp_path / "here" / "chain-abc").mkdir(parents=True)
+    (tmp_path / "gone-too" / "teacher-def").mkdir(parents=True)
+    monkeypatch.setenv("FEDCONDENSE_CACHE", str(tmp_path / "here"))
+    report = {"checkpoints": {"chain": "/elsewhere/cache/chain-abc", "teacher": str(tmp_path / "gone-too" / "teacher-def"),
+                              "autoencoder": "/elsewhere/cache/autoencoder-123"}}
+    assert run_checkpoint(report, "chain") == tmp_path / "here" / "chain-abc"
+    assert run_checkpoint(report, "teacher") == tmp_path / "gone-too" / "teacher-def", "the recorded path first"
+    with pytest.raises(FileNotFoundError, match="autoencoder-123 is neither at /elsewhere/cache/autoencoder-123 nor"):
+        run_checkpoint(report, "autoencoder")
