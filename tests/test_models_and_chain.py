@@ -242,7 +242,8 @@ def test_a_moved_cache_still_loads_its_separate_chain(tmp_path, monkeypatch):
     e2, est, info = pretrain.load_or_train_chain(latents, cfg, torch.device("cpu"))
     shutil.move(old, new)
     monkeypatch.setenv("FEDCONDENSE_CACHE", str(new))
-    monkeypatch.setattr(pretrain, "train_shared", lambda *a: pytest.fail("the moved cache retrained the chain"))
+    for name in ("train_shared", "finetune_separate"):
+        monkeypatch.setattr(pretrain, name, lambda *a: pytest.fail("the moved cache retrained the chain"))
     e2b, estb, infob = pretrain.load_or_train_chain(latents, cfg, torch.device("cpu"))
     assert infob["path"].startswith(str(new)) and infob["path"].endswith(info["path"].rsplit("/", 1)[1])
     for a, b in zip([*e2.parameters(), *est.parameters()], [*e2b.parameters(), *estb.parameters()]):
