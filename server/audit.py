@@ -52,12 +52,12 @@ def resolve_real_index(report: dict, ds, ids: torch.Tensor, run: Path) -> torch.
 def run_checkpoint(report: dict, kind: str) -> Path:
     """The run's `kind` checkpoint: where report.json recorded it, or the entry of that name in this machine's
     cache (`FEDCONDENSE_CACHE`), so a run audited elsewhere, or after the cache moved, finds its models."""
-    recorded = Path(report["checkpoints"][kind])
-    for path in (recorded, cache_root() / recorded.name):
+    recorded, root = Path(report["checkpoints"][kind]), cache_root()
+    for path in (recorded, root / recorded.name):
         if path.is_dir():
             return path
     raise FileNotFoundError(f"the run's {kind} checkpoint {recorded.name} is neither at {recorded} nor in the cache "
-                            f"{cache_root()}; copy it there (or set FEDCONDENSE_CACHE to the folder that holds it)")
+                            f"{root}; copy it there (or set FEDCONDENSE_CACHE to the folder that holds it)")
 
 
 class AuditContext:
@@ -73,9 +73,9 @@ class AuditContext:
         self.ds = load_dataset(self.data_cfg)
         ipc = ipc or self.report["ipc"]
         self.synthetic = SyntheticSet.load(self.run / f"ipc{ipc}")
-        ckpt = run_checkpoint(self.report, "autoencoder")
-        self.e1 = FirstEncoder.from_pretrained(ckpt / "first_encoder", low_cpu_mem_usage=False).to(device).eval()
-        self.decoder_config = dict(Decoder.load_config(ckpt / "decoder"))
+        self.autoencoder = run_checkpoint(self.report, "autoencoder")
+        self.e1 = FirstEncoder.from_pretrained(self.autoencoder / "first_encoder", low_cpu_mem_usage=False).to(device).eval()
+        self.decoder_config = dict(Decoder.load_config(self.autoencoder / "decoder"))
         used = resolve_real_index(self.report, self.ds, self.synthetic.conditioning.flatten().unique(), self.run)
         unused = torch.from_numpy(np.setdiff1d(np.arange(len(self.ds.private)), used.numpy()))
         self.members, self.nonmembers = used, unused
@@ -102,8 +102,7 @@ def membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
 
 def load_run_models(ctx: AuditContext) -> dict:
     e2, est = load_chain(run_checkpoint(ctx.report, "chain"), ctx.device)
-    ae = run_checkpoint(ctx.report, "autoencoder")
-    models = {"first_encoder": ctx.e1, "decoder": Decoder.from_pretrained(ae / "decoder", low_cpu_mem_usage=False).to(ctx.device).eval(),
+    models = {"first_encoder": ctx.e1, "decoder": Decoder.from_pretrained(ctx.autoencoder / "decoder", low_cpu_mem_usage=False).to(ctx.device).eval(),
               "second_encoder": e2, "noise_estimators": est}
     if "teacher" in ctx.report["checkpoints"]:
         models["teacher"] = load_teacher(run_checkpoint(ctx.report, "teacher"), ctx.e1, e2, ctx.ds.num_classes, ctx.device)

@@ -207,7 +207,6 @@ def load_chain(path: Path, device: torch.device) -> tuple[SecondEncoder, NoiseEs
     """Load a chain checkpoint; a separate-layout one names the shared checkpoint holding its E2, a sibling
     entry of the same cache (by name, so a moved or copied cache still loads; older entries stored the
     absolute path, whose last part is that name)."""
-    path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     e2_root = path.parent / Path(meta["second_encoder"]).name if "second_encoder" in meta else path
     if not (e2_root / "second_encoder").is_dir():
