@@ -68,8 +68,10 @@ class AuditContext:
         self.data_cfg = _cfg(DataConfig, cfg["data"])
         self.student_cfg = _cfg(StudentConfig, cfg["student"])
         self.chain_cfg = _cfg(ChainConfig, cfg["chain"])
-        # runs from before guidance (session 11) sampled without it, and before session 12 with the label term only
-        self.condense_cfg = _cfg(CondenseConfig, {"guidance": 0.0, "guidance_terms": "label:1", **cfg["condense"]})
+        # runs from before guidance (session 11) sampled without it, before session 12 with the label term
+        # only, and before session 18 guided every step
+        self.condense_cfg = _cfg(CondenseConfig, {"guidance": 0.0, "guidance_terms": "label:1", "guidance_steps": 0,
+                                                  **cfg["condense"]})
         self.ds = load_dataset(self.data_cfg)
         ipc = ipc or self.report["ipc"]
         self.synthetic = SyntheticSet.load(self.run / f"ipc{ipc}")

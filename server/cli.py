@@ -39,6 +39,9 @@ def _add_condense(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-terms", default=None,
                    help="what guidance pulls towards, name:weight,... (default label:1,representative:1; "
                         "server/guidance.py)")
+    p.add_argument("--guidance-steps", type=int, default=None,
+                   help="guide only the chain's last N steps (default: CondenseConfig.guidance_steps; "
+                        "0 or T: every step)")
     p.add_argument("--ratio", type=float, default=None, help="budget as synthetic/real ratio instead of IPC")
     p.add_argument("--max-coverage", action="store_true", help="every real latent conditions exactly one image")
 
@@ -78,7 +81,8 @@ def demo_config(args):
     cond = override(CondenseConfig(), selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
                     sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
                     ratio=getattr(args, "ratio", None), guidance=getattr(args, "guidance", None),
-                    guidance_terms=getattr(args, "guidance_terms", None), seed=args.seed)
+                    guidance_terms=getattr(args, "guidance_terms", None),
+                    guidance_steps=getattr(args, "guidance_steps", None), seed=args.seed)
     if getattr(args, "max_coverage", False):     # every latent exactly once: claims 4 and 7's one-to-one rule
         cond = replace(cond, max_coverage=True, ipc=None, selection=getattr(args, "selection", None) or "one-to-one")
     student = override(StudentConfig(), model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),

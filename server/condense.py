@@ -17,7 +17,8 @@ guidance from the server's teacher (E1 -> E2 -> head, trained on the same pooled
 estimator's step, the step's z_0 estimate moves `guidance` (RMS, latent units) along the direction of
 `cfg.guidance_terms` (server/guidance.py): up the teacher's log-probability of the image's soft label y,
 and towards the teacher's mean tokens of the image's own T conditioning latents. z_{t-1} moves with it
-by z_0's coefficient in the sampler's update. This departs from the patent's gradient-free chain: each
+by z_0's coefficient in the sampler's update; `cfg.guidance_steps` N > 0 guides only the last N steps
+(session 18). This departs from the patent's gradient-free chain: each
 step also takes first-order gradients through the small teacher (no unrolling). Claims 1-7 are
 otherwise unchanged: every step is still conditioned on its own real latent, and the label is still
 n_c / T. The teacher is trained on the pooled latents, so client-side DP is unchanged (post-processing).
@@ -114,7 +115,7 @@ def run_chain(cond_latents: torch.Tensor, first_encoder: FirstEncoder, second_en
         pred = estimators(z, t, cond)                            # the noise (or its velocity form)
         step = sched.step(pred, t, z, generator=generator) if cfg.sampler == "ddpm" else sched.step(pred, t, z, eta=0.0)
         z = step.prev_sample
-        if guide is not None and cfg.guidance:
+        if guide is not None and cfg.guidance and k >= T - (cfg.guidance_steps or T):
             z = z + cfg.guidance * _z0_coefficient(sched, t, cfg.sampler) * guide(step.pred_original_sample)
     return decoder(z).clamp(-1, 1), z
 
@@ -134,7 +135,7 @@ def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num
     """Plan, select, run the chain batch by batch, label. Deterministic for `cfg.seed`."""
     start = time.time()
     T = chain_cfg.T
-    teacher = _guidance_teacher(models, cfg)
+    teacher = _guidance_teacher(models, cfg, T)
     selected = plan_and_select(labels.numpy(), cfg, T, cfg.seed, latents=latents.float().numpy())
     y = torch.from_numpy(soft_labels(labels.numpy(), selected, num_classes))
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -156,10 +157,13 @@ def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num
     return SyntheticSet(torch.cat(images), y, torch.cat(finals), ids[torch.from_numpy(selected)], meta)
 
 
-def _guidance_teacher(models: dict, cfg: CondenseConfig):
+def _guidance_teacher(models: dict, cfg: CondenseConfig, T: int):
     """The teacher that guides sampling, or None when `cfg.guidance` is 0."""
     if not (cfg.guidance >= 0 and np.isfinite(cfg.guidance)):
         raise ValueError(f"guidance must be a finite number >= 0, got {cfg.guidance}")
+    if not 0 <= cfg.guidance_steps <= T:
+        raise ValueError(f"guidance_steps must be 0 (every step) to T={T}, got {cfg.guidance_steps} "
+                         "(--guidance-steps)")
     if not cfg.guidance:
         return None
     parse_guidance_terms(cfg.guidance_terms)

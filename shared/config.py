@@ -63,6 +63,7 @@ class CondenseConfig:
     clip_latent: Optional[float] = 3.0      # clip predicted z_0 to [-r, r] while sampling (unit-variance latents)
     guidance: float = 0.025                 # teacher guidance per step on z_0 (RMS, latent units); 0: off (session 11)
     guidance_terms: str = "label:1,representative:1"   # what guidance pulls towards (server/guidance.py; session 12)
+    guidance_steps: int = 0                 # guide only the chain's last N steps; 0: every step (session 18)
     batch_size: int = 500
     seed: int = 0
 

@@ -24,6 +24,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@contextlib.contextmanager
+def fixed_conv_kernels():
+    """Convolutions inside pick cuDNN's fixed, deterministic kernels instead of the per-process autotuner
+    (`cudnn.benchmark`, on for CUDA). Two runs encoding the same images then get bit-identical latents, so
+    the pool's fingerprint, the chain's and teacher's cache key, repeats (session 18: on an H200 it did not,
+    and a rerun retrained the chain). No effect on CPU."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"

@@ -88,3 +88,23 @@ def test_training_steps_reuse_freed_memory():
                                           check=True, cwd=Path(__file__).parents[1]).stdout)
     default, kept = run("default"), run("keep")
     assert kept * 4 < default, (kept, default)
+
+
+def test_encoding_uses_fixed_conv_kernels_and_restores_the_autotuner(monkeypatch):
+    """cuDNN's per-process autotuner made the same images encode to latents that differ in the last bits,
+    so on an H200 a rerun missed the chain's cache (session 18; checked there: two processes, two
+    fingerprints with the autotuner, one without). E1 runs with it off and deterministic kernels on; the
+    flags come back afterwards, also after an error."""
+    from client.encode import encode_images
+    from shared.models.first_encoder import FirstEncoder
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    e1, seen = FirstEncoder(1, 4, (8, 16)).eval(), []
+    e1.register_forward_hook(lambda *_: seen.append((torch.backends.cudnn.benchmark,
+                                                     torch.backends.cudnn.deterministic)))
+    encode_images(e1, torch.zeros(5, 1, 32, 32), batch_size=2)
+    assert seen == [(False, True)] * 3
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+    with pytest.raises(RuntimeError):
+        encode_images(e1, torch.zeros(2, 3, 32, 32))             # wrong channel count
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)

@@ -107,6 +107,34 @@ def test_representative_guidance_pulls_towards_the_conditioning_group(tiny_model
     assert (dist[1] < dist[0]).float().mean() >= 0.75 and dist[1].mean() < 0.8 * dist[0].mean(), dist
 
 
+def test_guidance_steps_guide_only_the_chains_last_steps(tiny_models):
+    """`guidance_steps` N (session 18): the guide is called at the last N steps only (t = N-1 .. 0); N = T is
+    every step, bit for bit the same as 0; outside 0..T is refused."""
+    from server.condense import run_chain
+    chain_cfg, models = tiny_models
+    cond = torch.randn(3, chain_cfg.T, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def sample(steps):
+        calls = []
+        def guide(z0):
+            calls.append(len(calls))
+            return torch.ones_like(z0)
+        cfg = CondenseConfig(guidance=0.1, guidance_steps=steps)
+        images, _ = run_chain(cond, models["first_encoder"], models["second_encoder"], models["noise_estimators"],
+                              models["decoder"], chain_cfg, cfg, torch.Generator().manual_seed(0), guide)
+        return images, len(calls)
+
+    every, n_every = sample(0)
+    assert n_every == chain_cfg.T
+    same, n_same = sample(chain_cfg.T)
+    assert n_same == chain_cfg.T and torch.equal(every, same)
+    last_two, n_two = sample(2)
+    assert n_two == 2 and not torch.equal(every, last_two)
+    for bad in (-1, chain_cfg.T + 1):
+        with pytest.raises(ValueError, match="guidance_steps must be 0"):
+            _condense(tiny_models, 0, guidance=0.05, guidance_steps=bad)
+
+
 def test_guidance_needs_a_teacher_and_a_sane_weight(tiny_models):
     with pytest.raises(ValueError, match="needs the server's teacher"):
         _condense(tiny_models, 0, teacher=False, guidance=0.05)

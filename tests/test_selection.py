@@ -161,6 +161,8 @@ def test_cli_guidance_reaches_the_condense_config():
     assert demo_config(parse(["demo"])).condense.guidance == CondenseConfig().guidance > 0
     terms = demo_config(parse(["demo", "--guidance-terms", "label:1"])).condense.guidance_terms
     assert terms == "label:1" and CondenseConfig().guidance_terms != terms
+    assert demo_config(parse(["condense", "--out", "x", "--guidance-steps", "7"])).condense.guidance_steps == 7
+    assert demo_config(parse(["demo"])).condense.guidance_steps == CondenseConfig().guidance_steps
 
 
 def test_flower_run_config_sets_guidance_including_off():
@@ -174,4 +176,6 @@ def test_flower_run_config_sets_guidance_including_off():
     assert config_from_run_config({**shipped, "guidance": 0})[0].condense.guidance == 0.0
     assert config_from_run_config({**shipped, "guidance": 0.05})[0].condense.guidance == 0.05
     assert config_from_run_config({**shipped, "guidance-terms": "label:1"})[0].condense.guidance_terms == "label:1"
+    assert config_from_run_config({**shipped, "guidance-steps": 7})[0].condense.guidance_steps == 7
+    assert config_from_run_config(shipped)[0].condense.guidance_steps == CondenseConfig().guidance_steps
     assert config_from_run_config({**shipped, "student-steps": 0})[0].student.steps == StudentConfig().steps
