@@ -18,12 +18,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from server.condense import condense
-from server.pipeline import build_models, canonical_pool, paired_lead, random_real_like, server_teacher
+from server.pipeline import (build_models, canonical_pool, chain_models, paired_lead, random_real_like,
+                             server_teacher)
 from server.pool import LatentPool
-from server.pretrain import load_or_train_autoencoder, load_or_train_chain
+from server.pretrain import load_or_train_autoencoder
 from server.student import fit_and_score, one_hot
 from shared.config import DataConfig, DemoConfig
 from shared.data import ImageSplit, load_dataset
@@ -34,8 +33,7 @@ def federated_models(ds, cfg: DemoConfig, pool_dir: str, device) -> tuple[dict, 
     """The models and pool of a federated run (`demo`'s OUT/pool), as the run's server built them."""
     e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, device)
     pool = canonical_pool(ImageSplit(*LatentPool(Path(pool_dir)).load()))
-    e2, est, chain = load_or_train_chain(pool.images, cfg.chain, device)
-    models = {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
+    models, chain = chain_models(e1, dec, pool, cfg, device)
     return models, pool, {"pretrain": ae["seconds"] + chain["seconds"]}
 
 
@@ -79,11 +77,8 @@ def summarise(rows: list[dict], variants) -> dict:
     out = {}
     for text in variants:
         acc = {"synthetic": [r[text] for r in rows], "random_real": [r["random_real"] for r in rows]}
-        lead = paired_lead(acc)
-        d = np.subtract(acc["synthetic"], [r[variants[0]] for r in rows])
-        lead["vs_first"] = float(d.mean())
-        lead["vs_first_se"] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-        out[text] = lead
+        vs_first = paired_lead({"synthetic": acc["synthetic"], "random_real": [r[variants[0]] for r in rows]})
+        out[text] = {**paired_lead(acc), "vs_first": vs_first["lead"], "vs_first_se": vs_first["lead_se"]}
     return out
 
 

@@ -36,14 +36,19 @@ def random_real_like(private: ImageSplit, synthetic: SyntheticSet, seed: int) ->
     return private.subset(torch.cat(picks))
 
 
+def chain_models(e1, dec, pool: ImageSplit, cfg: DemoConfig, device: torch.device) -> tuple[dict, dict]:
+    """The server's models for condensing `pool`: E1 / D, and E2 + chain trained (or loaded) on its latents."""
+    e2, est, chain = load_or_train_chain(pool.images, cfg.chain, device)
+    return {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, chain
+
+
 def build_models(ds: Dataset, cfg: DemoConfig, device: torch.device) -> tuple[dict, ImageSplit, dict]:
     """Single machine: pretrain/load every model and encode the private split into the pool that
     `demo --local` condenses (used by `condense`, `distill`, `pretrain chain`)."""
     e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, device)
     latents, encode_s = encode_local(ds, e1, device)
     pool = ImageSplit(latents, ds.private.labels, ds.private.ids)
-    e2, est, chain = load_or_train_chain(pool.images, cfg.chain, device)
-    models = {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
+    models, chain = chain_models(e1, dec, pool, cfg, device)
     info = {"pretrain": ae["seconds"] + chain["seconds"], "encode": encode_s,
             "checkpoints": {"autoencoder": ae["path"], "chain": chain["path"]}}
     return models, pool, info
@@ -152,8 +157,7 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
     The random-real and full-real arms are evaluation baselines computed by the harness, which can
     see the real data; the server itself only ever holds `pool` (latents).
     """
-    e2, est, chain = load_or_train_chain(pool.images, cfg.chain, device)
-    models = {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
+    models, chain = chain_models(e1, dec, pool, cfg, device)
     info = {**info, "pretrain": info["pretrain"] + chain["seconds"],
             "checkpoints": {**info["checkpoints"], "chain": chain["path"]}}
     teacher, info["teacher"] = server_teacher(models, pool, ds, cfg.student, device, cfg.condense.guidance)
