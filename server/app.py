@@ -63,7 +63,7 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     known = {"out", "clients", "alpha", "iid", "ipc", "T", "layout", "device", "train-limit", "test-limit",
              "ae-steps", "chain-steps", "chain-batch", "module-steps", "student-steps", "full-epochs", "timeout",
              "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student", "student-loss", "prediction",
-             "teacher-steps", "guidance", "guidance-terms", "guidance-steps"}
+             "teacher-steps", "guidance", "guidance-terms", "guidance-steps", "retrain-baselines"}
     unknown = set(run_config) - known
     if unknown:
         raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")

@@ -100,7 +100,8 @@ def demo_config(args):
     if eval_seeds < 1:
         raise ValueError(f"--eval-seeds must be >= 1 (1: the single run), got {eval_seeds}")
     return replace(cfg, data=data, autoencoder=ae, chain=chain, condense=cond, student=student, ipcs=ipcs,
-                   baselines=baselines, eval_seeds=eval_seeds, device=args.device, federation=fed)
+                   baselines=baselines, eval_seeds=eval_seeds, device=args.device, federation=fed,
+                   reuse_baselines=not getattr(args, "retrain_baselines", False))
 
 
 def cmd_demo(args) -> int:
@@ -276,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--ipc", type=int, nargs="+", default=None, help="images per class, e.g. --ipc 1 10 50")
     p.add_argument("--no-full", action="store_true", help="skip the full-real upper bound")
+    p.add_argument("--retrain-baselines", action="store_true",
+                   help="train the random-real and full-real students even where an identical earlier run's "
+                        "result is cached (same data, recipe, teacher, code and kernels)")
     p.add_argument("--eval-seeds", type=int, default=None,
                    help="condense and train each IPC arm with this many seeds and report the paired lead over "
                         "random real images (default 1; each adds ~1.5 min at demo scale on 2 cores)")

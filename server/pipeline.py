@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from client.encode import encode_images
+from server.baseline_cache import baseline_score
 from server.condense import SyntheticSet, condense
 from server.losses import needs_teacher, teacher_view_strength
 from server.pretrain import load_or_train_autoencoder, load_or_train_chain
@@ -83,8 +84,9 @@ def _score_arms(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: Studen
                                        desc=f"student {tag}", teacher=teacher)}
     if "random_real" in cfg.baselines:
         real = random_real_like(ds.private, syn, student.seed)
-        arms["random_real"] = fit_and_score(real.images, one_hot(real.labels, ds.num_classes), ds.test, student,
-                                            device, loss=student.loss, desc=f"random real {tag}", teacher=teacher)
+        arms["random_real"] = baseline_score("random_real", real.images, one_hot(real.labels, ds.num_classes), ds.test,
+                                             student, device, loss=student.loss, desc=f"random real {tag}",
+                                             teacher=teacher, reuse=cfg.reuse_baselines)
     return arms
 
 
@@ -96,6 +98,7 @@ def _over_seeds(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, cc
     synthetic set is saved."""
     start = time.time()
     acc = {k: [first[k]["accuracy"]] for k in ("synthetic", "random_real") if k in first}
+    reused = [0] if "cached" in first.get("random_real", {}) else []
     for s in range(1, cfg.eval_seeds):
         syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain,
                        replace(ccfg, seed=ccfg.seed + s), device)
@@ -103,8 +106,9 @@ def _over_seeds(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, cc
                            f"ipc{ccfg.ipc} seed +{s}")
         for k, r in arms.items():
             acc[k].append(r["accuracy"])
+        reused += [s] if "cached" in arms.get("random_real", {}) else []
     return {"seed_offsets": list(range(cfg.eval_seeds)), "accuracy": acc, **paired_lead(acc),
-            "seconds": time.time() - start}
+            "random_real_reused": reused, "seconds": time.time() - start}
 
 
 def paired_lead(acc: dict) -> dict:
@@ -121,8 +125,9 @@ def paired_lead(acc: dict) -> dict:
 
 def run_full_real(ds: Dataset, cfg: DemoConfig, device: torch.device, teacher=None) -> dict:
     steps = max(1, int(cfg.student.full_epochs * len(ds.private) / cfg.student.batch_size))
-    return fit_and_score(ds.private.images, one_hot(ds.private.labels, ds.num_classes), ds.test, cfg.student,
-                         device, steps=steps, loss=cfg.student.loss, desc="full real", teacher=teacher)
+    return baseline_score("full_real", ds.private.images, one_hot(ds.private.labels, ds.num_classes), ds.test,
+                          cfg.student, device, steps=steps, loss=cfg.student.loss, desc="full real", teacher=teacher,
+                          reuse=cfg.reuse_baselines)
 
 
 def server_teacher(models: dict, pool: ImageSplit, ds: Dataset, student: StudentConfig, device: torch.device,
@@ -214,9 +219,17 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
                                + (full["seconds"] if full else 0.0),
                     "over_seeds": sum(r["over_seeds"]["seconds"] for r in per_ipc if "over_seeds" in r)},
         "federation": info.get("federation"), "privacy": info.get("privacy"),
-        "per_ipc": per_ipc, "full_real": full,
+        "per_ipc": per_ipc, "full_real": full, "baselines_reused": reused_baselines(per_ipc, full),
         "device": device_name(device), "checkpoints": info["checkpoints"], "config": to_jsonable(cfg),
     }
+
+
+def reused_baselines(per_ipc: list[dict], full: dict | None) -> list[str]:
+    """The baseline arms this run reused from an earlier identical one (server/baseline_cache.py)."""
+    names = [f"random_real ipc{r['ipc']}" for r in per_ipc if "cached" in r.get("random_real", {})]
+    names += [f"random_real ipc{r['ipc']} seed +{s}" for r in per_ipc
+              for s in (r.get("over_seeds") or {}).get("random_real_reused", []) if s]
+    return names + (["full_real"] if full and "cached" in full else [])
 
 
 def format_over_seeds(o: dict) -> str:
@@ -240,6 +253,9 @@ def format_table(report: dict) -> str:
             lines.append("     " + format_over_seeds(r["over_seeds"]))
     if report.get("full_real"):
         lines.append(f"full real ({report['real_images_available']} images): {report['full_real']['accuracy']:.4f}")
+    if report.get("baselines_reused"):
+        lines.append(f"reused from an identical earlier run (same data, recipe, teacher, code, kernels; "
+                     f"--retrain-baselines retrains): {', '.join(report['baselines_reused'])}")
     if report.get("teacher"):
         t = report["teacher"]
         lines.append(f"students: {report['student_loss']}; teacher (E1 -> E2 -> head, {t['steps']} steps on the pool): "

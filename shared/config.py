@@ -115,6 +115,7 @@ class DemoConfig:
     ipcs: tuple[int, ...] = (10,)
     baselines: tuple[str, ...] = ("random_real", "full_real")
     eval_seeds: int = 1                     # per IPC: seeds 0..n-1 added to the condense/student seeds (paired stats)
+    reuse_baselines: bool = True            # reuse a baseline student whose inputs, code and kernels match (server/baseline_cache.py)
     device: str = "auto"
 
 

@@ -82,6 +82,21 @@ def test_table_states_the_lead_over_random_real(tiny_run):
     assert "pt" not in format_table(report).splitlines()[2], "no baseline, no lead"
 
 
+def test_a_rerun_reuses_its_baselines_and_retrains_the_synthetic_student(tiny_run, tmp_path, capsys):
+    """The same demo again: the random-real and full-real students come from the first run's entries,
+    with its accuracies; the synthetic set is condensed and its student trained again, to the same figure."""
+    first = json.loads((tiny_run / "report.json").read_text())
+    assert first["baselines_reused"] == [], "the first run trains every arm"
+    assert main(["demo", "--out", str(tmp_path / "again"), "--ipc", "4", *TINY]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["baselines_reused"] == ["random_real ipc4", "full_real"]
+    assert again["accuracy"] == first["accuracy"]
+    main_arms = again["per_ipc"][0]
+    assert "cached" not in main_arms["synthetic"] and main_arms["random_real"]["cached"]
+    assert again["full_real"]["trained_seconds"] == first["full_real"]["seconds"]
+    assert "reused from an identical earlier run" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_demo_scale_synthetic_student_beats_chance(tmp_path):
     """Quality needs a chain trained at demo scale (~10 min on 2 cores): make test-all."""
