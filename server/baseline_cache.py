@@ -3,12 +3,12 @@
 A baseline arm's accuracy is a function of its inputs alone: the images and labels it trains on, the
 test set, the student recipe and step count, the teacher's weights, and the code and kernels that train
 it. A run whose inputs all match an earlier run's reuses that run's result instead of training the same
-student again (on the 2-core AVX2 CPU, about 4 of a warm `make demo`'s 7-8 minutes; docs/results.md,
-session 19). The key hashes every one of those inputs, and with them the source of the `server` and
-`shared` packages, torch's version, the device, the CPU's kernel set and the thread count, so any change
-to the data, recipe, code or machine trains afresh. The synthetic arm is never reused: it is what a run
-measures. `--retrain-baselines` (`DemoConfig.reuse_baselines = False`) trains them anyway and refreshes
-the entry; the report marks each reused arm with the entry that held it.
+students again (on the 2-core AVX2 CPU, 4 of a warm `make demo`'s 8 minutes; docs/results.md, session
+19). The key hashes every one of those inputs, and with them the source of the `server` and `shared`
+packages, the versions of torch, torchvision and diffusers, the device, the CPU's kernel set and the
+thread count, so any change to the data, recipe, code or machine trains afresh. The synthetic arm is
+never reused: it is what a run measures. `--retrain-baselines` (`DemoConfig.reuse_baselines = False`)
+trains them anyway and refreshes the entry; the report names each reused arm and its entry.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from server.losses import needs_teacher
+from server.pretrain import fingerprint
 from server.student import fit_and_score
 from shared.cache import building, cache_dir, to_jsonable
 from shared.config import StudentConfig
@@ -51,18 +52,20 @@ def state_fingerprint(module: torch.nn.Module | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def _tensor_fingerprint(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+def _library_versions() -> dict:
+    import diffusers
+    import torchvision
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "diffusers": diffusers.__version__}
 
 
 def baseline_key(images, targets, test: ImageSplit, cfg: StudentConfig, device: torch.device, steps, loss: str,
                  teacher) -> dict:
     """Everything a baseline student's accuracy depends on, as a JSON-able dict (stored with the entry)."""
-    return {"images": _tensor_fingerprint(images), "targets": _tensor_fingerprint(targets),
-            "test_images": _tensor_fingerprint(test.images), "test_labels": _tensor_fingerprint(test.labels),
+    return {"images": fingerprint(images), "targets": fingerprint(targets),
+            "test_images": fingerprint(test.images), "test_labels": fingerprint(test.labels),
             "student": to_jsonable(cfg), "steps": steps or cfg.steps, "loss": loss,
             "teacher": state_fingerprint(teacher) if needs_teacher(loss) else None,
-            "code": code_fingerprint(), "torch": torch.__version__, "device": device_name(device),
+            "code": code_fingerprint(), "libraries": _library_versions(), "device": device_name(device),
             "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "bf16": list(cpu_bf16_key(device))}
 

@@ -56,6 +56,7 @@ def test_the_key_covers_the_teacher_only_when_the_loss_reads_it():
     with torch.no_grad():
         teacher.bias[0] += 1e-3
     assert key("soft_ce:0.25,kd:1")["teacher"] != kd["teacher"], "other teacher weights, another entry"
+    assert kd["libraries"]["torch"] == torch.__version__
     assert kd["cpu_kernels"] == torch.backends.cpu.get_cpu_capability() and kd["threads"] == torch.get_num_threads()
 
 
