@@ -83,14 +83,15 @@ def test_table_states_the_lead_over_random_real(tiny_run):
 
 
 def test_a_rerun_reuses_its_baselines_and_retrains_the_synthetic_student(tiny_run, tmp_path, capsys):
-    """The same demo again: the random-real and full-real students come from the first run's entries,
-    with its accuracies; the synthetic set is condensed and its student trained again, to the same figure."""
+    """The same demo again: the random-real and full-real students (each seed's) come from the first run's
+    entries, with its accuracies; the synthetic sets are condensed and their students trained again, to the
+    same figures."""
     first = json.loads((tiny_run / "report.json").read_text())
-    assert first["baselines_reused"] == [], "the first run trains every arm"
-    assert main(["demo", "--out", str(tmp_path / "again"), "--ipc", "4", *TINY]) == 0
+    assert first["baselines_reused"] == [] and first["over_seeds"]["random_real_reused"] == [], "the first run trains"
+    assert main(["demo", "--out", str(tmp_path / "again"), "--ipc", "4", "--eval-seeds", "2", *TINY]) == 0
     again = json.loads((tmp_path / "again" / "report.json").read_text())
-    assert again["baselines_reused"] == ["random_real ipc4", "full_real"]
-    assert again["accuracy"] == first["accuracy"]
+    assert again["baselines_reused"] == ["random_real ipc4", "random_real ipc4 seed +1", "full_real"]
+    assert again["accuracy"] == first["accuracy"] and again["over_seeds"]["accuracy"] == first["over_seeds"]["accuracy"]
     main_arms = again["per_ipc"][0]
     assert "cached" not in main_arms["synthetic"] and main_arms["random_real"]["cached"]
     assert again["full_real"]["trained_seconds"] == first["full_real"]["seconds"]
