@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from shared.data import ImageSplit
 from shared.device import cpu_bf16_key, device_name
 
 PACKAGES = ("server", "shared")
+log = logging.getLogger(__name__)
 
 
 def code_fingerprint(roots: list[Path] | None = None) -> str:
@@ -80,8 +82,8 @@ def baseline_score(arm: str, images, targets, test: ImageSplit, cfg: StudentConf
     path = cache_dir(f"baseline-{arm}", key)
     with building(path):
         stored = path / "result.json"
-        if reuse and stored.exists():
-            result = json.loads(stored.read_text())["result"]
+        result = _stored_result(stored) if reuse else None
+        if result is not None:
             return {**result, "seconds": time.time() - start, "trained_seconds": result["seconds"],
                     "cached": str(path)}
         result = fit_and_score(images, targets, test, cfg, device, steps, loss, desc, teacher)
@@ -90,3 +92,16 @@ def baseline_score(arm: str, images, targets, test: ImageSplit, cfg: StudentConf
         tmp.write_text(json.dumps({"arm": arm, "key": key, "result": result}, indent=2))
         tmp.replace(stored)                       # atomic: a crash never leaves a half-written result
         return result
+
+
+def _stored_result(stored: Path) -> dict | None:
+    """The entry's result, or None (train again) when there is none or it cannot be read."""
+    if not stored.exists():
+        return None
+    try:
+        result = json.loads(stored.read_text())["result"]
+        float(result["accuracy"]), float(result["seconds"])
+        return result
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("baseline entry %s is unreadable (%s: %s); training the arm again", stored, type(err).__name__, err)
+        return None

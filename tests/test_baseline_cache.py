@@ -35,6 +35,10 @@ def test_a_baseline_is_reused_only_when_every_input_matches():
     assert again["cached"] and again["accuracy"] == first["accuracy"] and again["trained_seconds"] == first["seconds"]
     stored = json.loads((Path(again["cached"]) / "result.json").read_text())
     assert stored["arm"] == "random_real" and stored["key"]["steps"] == 4 and stored["key"]["teacher"] is None
+    (Path(again["cached"]) / "result.json").write_text('{"result": {"accuracy": "lost')
+    repaired = _score(train, test)
+    assert "cached" not in repaired and repaired["accuracy"] == first["accuracy"], "an unreadable entry trains again"
+    assert _score(train, test)["cached"], "and is rewritten"
     retrained = _score(train, test, reuse=False)
     assert "cached" not in retrained and retrained["accuracy"] == first["accuracy"], "the stored result is training's"
     pixel = train.images.clone()
