@@ -23,7 +23,7 @@ import torch
 from server.losses import needs_teacher
 from server.pretrain import fingerprint
 from server.student import fit_and_score
-from shared.cache import building, cache_dir, to_jsonable
+from shared.cache import building, cache_dir, config_hash, to_jsonable
 from shared.config import StudentConfig
 from shared.data import ImageSplit
 from shared.device import cpu_bf16_key, device_name
@@ -44,14 +44,10 @@ def code_fingerprint(roots: list[Path] | None = None) -> str:
 
 
 def state_fingerprint(module: torch.nn.Module | None) -> str | None:
-    """sha256 over a module's parameters and buffers, by name; None for no module."""
+    """A hash of a module's parameters and buffers, by name; None for no module."""
     if module is None:
         return None
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return config_hash([(name, fingerprint(tensor)) for name, tensor in module.state_dict().items()])
 
 
 def _library_versions() -> dict:
