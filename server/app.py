@@ -80,7 +80,7 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     return demo_config(args), Path(args.out)
 
 
-ZERO_IS_A_SETTING = {"guidance"}        # 0 turns guidance off, so -1 stands for "the typed default" there
+ZERO_IS_A_SETTING = {"guidance", "guidance-steps"}   # 0 turns guidance off / guides every step, so -1 stands for "the typed default" there
 
 
 def _means_typed_default(key: str, value) -> bool:

@@ -35,13 +35,13 @@ def _add_condense(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
     p.add_argument("--noise-init", choices=["random", "preset"], default=None)
     p.add_argument("--guidance", type=float, default=None,
-                   help="teacher guidance per chain step (default 0.025; 0 turns it off)")
+                   help="teacher guidance per guided chain step (default: CondenseConfig.guidance; 0 turns it off)")
     p.add_argument("--guidance-terms", default=None,
                    help="what guidance pulls towards, name:weight,... (default label:1,representative:1; "
                         "server/guidance.py)")
     p.add_argument("--guidance-steps", type=int, default=None,
                    help="guide only the chain's last N steps (default: CondenseConfig.guidance_steps; "
-                        "0 or T: every step)")
+                        "0, or T and above: every step)")
     p.add_argument("--ratio", type=float, default=None, help="budget as synthetic/real ratio instead of IPC")
     p.add_argument("--max-coverage", action="store_true", help="every real latent conditions exactly one image")
 

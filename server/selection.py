@@ -128,29 +128,50 @@ def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding with a running nearest-centre distance: O(k n d), where scipy's '++' is O(k^2 n d)
     (2.8 s against ~0.1 s for 100 centres over 5,400 latents)."""
     centres = [x[rng.integers(len(x))]]
-    d = ((x - centres[0]) ** 2).sum(1)
+    d = _squared_distances(x, centres[0])
     for _ in range(1, k):
-        p = d / d.sum() if d.sum() > 0 else None
-        centres.append(x[rng.choice(len(x), p=p)])
-        d = np.minimum(d, ((x - centres[-1]) ** 2).sum(1))
+        total = d.sum()
+        centres.append(x[rng.choice(len(x), p=d / total if total > 0 else None)])
+        np.minimum(d, _squared_distances(x, centres[-1]), out=d)
     return np.stack(centres)
 
 
-def _capacitated_nearest(dist: np.ndarray, T: int) -> list[np.ndarray]:
+def _squared_distances(x: np.ndarray, centre: np.ndarray, rows: int = 512) -> np.ndarray:
+    """`((x - centre) ** 2).sum(1)`, bit for bit, in blocks of rows that stay in cache (session 20:
+    ~2x faster on 5,400 x 256 float64; each row's sum is the same pairwise sum)."""
+    out = np.empty(len(x))
+    buf = np.empty((min(rows, len(x)), x.shape[1]))
+    for lo in range(0, len(x), rows):
+        block = buf[:len(x[lo:lo + rows])]
+        np.subtract(x[lo:lo + rows], centre, out=block)
+        np.square(block, out=block)
+        block.sum(1, out=out[lo:lo + rows])
+    return out
+
+
+def _capacitated_nearest(dist: np.ndarray, T: int, chunk: int = 8192) -> list[np.ndarray]:
     """Greedy: visit (point, centre) pairs by increasing distance; a centre takes up to T points, a
     point joins one centre; centres left short reuse their nearest points. Returns each centre's members
-    ordered farthest -> nearest."""
-    taken = np.zeros(dist.shape[0], dtype=bool)
-    members: list[list[int]] = [[] for _ in range(dist.shape[1])]
-    room = min(dist.shape[0], T * dist.shape[1])
-    for flat in np.argsort(dist, axis=None, kind="stable"):
-        i, c = divmod(int(flat), dist.shape[1])
-        if not taken[i] and len(members[c]) < T:
-            taken[i] = True
-            members[c].append(i)
-            room -= 1
-            if not room:
-                break
+    ordered farthest -> nearest. Pairs are screened a chunk at a time against the state at the chunk's
+    start (a pair ruled out then stays out), so Python visits only the pairs that may still bind."""
+    n, k = dist.shape
+    taken, count = np.zeros(n, dtype=bool), np.zeros(k, dtype=np.int64)
+    members: list[list[int]] = [[] for _ in range(k)]
+    room = min(n, T * k)
+    order = np.argsort(dist, axis=None, kind="stable")
+    for lo in range(0, len(order), chunk):
+        points, centres = np.divmod(order[lo:lo + chunk], k)
+        open_ = ~taken[points] & (count[centres] < T)
+        for i, c in zip(points[open_].tolist(), centres[open_].tolist()):
+            if not taken[i] and count[c] < T:
+                taken[i] = True
+                count[c] += 1
+                members[c].append(i)
+                room -= 1
+                if not room:
+                    break
+        if not room:
+            break
     for c, m in enumerate(members):
         if len(m) < T:                                  # too few points for disjoint groups: reuse the nearest
             others = [int(i) for i in np.argsort(dist[:, c], kind="stable") if i not in m] or list(range(len(dist)))

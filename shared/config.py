@@ -42,7 +42,7 @@ class ChainConfig:
     unet_channels: tuple[int, int] = (32, 64)
     cross_attention_dim: int = 64
     condition_tokens: int = 16              # E2 output: tokens (a square grid) x cross_attention_dim
-    second_encoder_channels: int = 128
+    second_encoder_channels: int = 64        # 128 until session 20: 4x the MACs, no better (docs/results.md, session 20)
     shared_steps: int = 900                 # joint training of the shared estimator (warm start)
     module_steps: int = 15                  # per-module fine-tuning steps in the separate layout
     batch_size: int = 128
@@ -61,9 +61,9 @@ class CondenseConfig:
     sampler: str = "ddim"                   # 'ddim' | 'ddpm'
     noise_init: str = "random"              # 'random' noise image | 'preset': mean of conditioning images
     clip_latent: Optional[float] = 3.0      # clip predicted z_0 to [-r, r] while sampling (unit-variance latents)
-    guidance: float = 0.025                 # teacher guidance per step on z_0 (RMS, latent units); 0: off (session 11)
+    guidance: float = 0.05                  # teacher guidance per guided step on z_0 (RMS, latent units); 0: off (session 11)
     guidance_terms: str = "label:1,representative:1"   # what guidance pulls towards (server/guidance.py; session 12)
-    guidance_steps: int = 0                 # guide only the chain's last N steps; 0: every step (session 18)
+    guidance_steps: int = 10                # guide only the chain's last N steps; 0 or >= T: every step (sessions 18, 20)
     batch_size: int = 500
     seed: int = 0
 

@@ -125,6 +125,50 @@ def test_cluster_rule_reuses_latents_only_when_the_budget_needs_more_than_there_
     assert sel.shape == (4, 80) and all(len(set(row)) == 60 for row in sel)
 
 
+def _reference_kmeans_pp(x, k, rng):
+    """The seeding as first written (session 7): the blocked version must match it bit for bit."""
+    centres = [x[rng.integers(len(x))]]
+    d = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        p = d / d.sum() if d.sum() > 0 else None
+        centres.append(x[rng.choice(len(x), p=p)])
+        d = np.minimum(d, ((x - centres[-1]) ** 2).sum(1))
+    return np.stack(centres)
+
+
+def _reference_capacitated_nearest(dist, T):
+    """The greedy as first written: one Python step per (point, centre) pair in distance order."""
+    taken, members = np.zeros(dist.shape[0], dtype=bool), [[] for _ in range(dist.shape[1])]
+    room = min(dist.shape[0], T * dist.shape[1])
+    for flat in np.argsort(dist, axis=None, kind="stable"):
+        i, c = divmod(int(flat), dist.shape[1])
+        if not taken[i] and len(members[c]) < T:
+            taken[i] = True
+            members[c].append(i)
+            room -= 1
+            if not room:
+                break
+    for c, m in enumerate(members):
+        if len(m) < T:
+            others = [int(i) for i in np.argsort(dist[:, c], kind="stable") if i not in m] or list(range(len(dist)))
+            m += np.resize(others, T - len(m)).tolist()
+            m.sort(key=lambda i: dist[i, c])
+    return [np.asarray(m[::-1], dtype=np.int64) for m in members]
+
+
+@pytest.mark.parametrize("n,k,T,decimals", [(2000, 40, 20, 8), (300, 20, 20, 8), (50, 10, 8, 1), (17, 4, 5, 8)])
+def test_cluster_rule_helpers_match_the_plain_greedy_bit_for_bit(n, k, T, decimals):
+    """The screened greedy and blocked distances (session 20) pick exactly what the plain loops picked,
+    with spare points, with too few (reuse), and with tied distances (rounded duplicates)."""
+    from server.selection import _capacitated_nearest, _kmeans_pp
+    x = np.random.default_rng(n).standard_normal((n, 16)).round(decimals)
+    centres = _kmeans_pp(x, k, np.random.default_rng(3))
+    np.testing.assert_array_equal(centres, _reference_kmeans_pp(x, k, np.random.default_rng(3)))
+    dist = (x ** 2).sum(1)[:, None] - 2 * x @ centres.T + (centres ** 2).sum(1)[None]
+    for got, want in zip(_capacitated_nearest(dist, T, chunk=64), _reference_capacitated_nearest(dist, T)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_canonical_pool_ignores_arrival_order_and_keeps_provenance():
     import torch
 
@@ -166,8 +210,8 @@ def test_cli_guidance_reaches_the_condense_config():
 
 
 def test_flower_run_config_sets_guidance_including_off():
-    """Deployment's run-config: 0 turns guidance off (not 'the typed default', as 0 means for other keys);
-    -1, the pyproject value, keeps the default; the pyproject lists the key."""
+    """Deployment's run-config: 0 turns guidance off, and guidance-steps 0 guides every step (not 'the typed
+    default', as 0 means for other keys); -1, the pyproject value, keeps the default; the pyproject lists both."""
     import tomllib
     from pathlib import Path
     from server.app import config_from_run_config
@@ -177,5 +221,6 @@ def test_flower_run_config_sets_guidance_including_off():
     assert config_from_run_config({**shipped, "guidance": 0.05})[0].condense.guidance == 0.05
     assert config_from_run_config({**shipped, "guidance-terms": "label:1"})[0].condense.guidance_terms == "label:1"
     assert config_from_run_config({**shipped, "guidance-steps": 7})[0].condense.guidance_steps == 7
+    assert config_from_run_config({**shipped, "guidance-steps": 0})[0].condense.guidance_steps == 0 != CondenseConfig().guidance_steps
     assert config_from_run_config(shipped)[0].condense.guidance_steps == CondenseConfig().guidance_steps
     assert config_from_run_config({**shipped, "student-steps": 0})[0].student.steps == StudentConfig().steps
