@@ -80,7 +80,8 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     return demo_config(args), Path(args.out)
 
 
-ZERO_IS_A_SETTING = {"guidance", "guidance-steps"}   # 0 turns guidance off / guides every step, so -1 stands for "the typed default" there
+# 0 turns guidance off / guides every step there, so -1 stands for "the typed default"
+ZERO_IS_A_SETTING = {"guidance", "guidance-steps"}
 
 
 def _means_typed_default(key: str, value) -> bool:
