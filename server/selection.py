@@ -142,7 +142,7 @@ def _squared_distances(x: np.ndarray, centre: np.ndarray, rows: int = 512) -> np
     out = np.empty(len(x))
     buf = np.empty((min(rows, len(x)), x.shape[1]))
     for lo in range(0, len(x), rows):
-        block = buf[:len(x[lo:lo + rows])]
+        block = buf[:min(rows, len(x) - lo)]
         np.subtract(x[lo:lo + rows], centre, out=block)
         np.square(block, out=block)
         block.sum(1, out=out[lo:lo + rows])
