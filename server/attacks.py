@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import stats
 
-from shared.optim import adamw
 from shared.progress import progress
 
 
@@ -57,7 +56,7 @@ def train_inverter(first_encoder: nn.Module, decoder_factory, public_images: tor
     `noise_std` > 0 trains it on noised latents, as an attacker facing DP would."""
     torch.manual_seed(seed)
     inv = decoder_factory().to(device)
-    opt = adamw(inv.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(inv.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in progress(range(steps), desc="inverter", unit="step"):
         x = public_images[torch.randint(0, len(public_images), (128,), generator=gen)].to(device)

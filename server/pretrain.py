@@ -52,7 +52,7 @@ def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torc
     torch.manual_seed(cfg.seed)
     enc = FirstEncoder(images.shape[1], cfg.latent_channels, cfg.encoder_channels).to(device)
     dec = Decoder(images.shape[1], cfg.latent_channels, cfg.decoder_channels).to(device)
-    opt = adamw([*enc.parameters(), *dec.parameters()], lr=cfg.lr)
+    opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters()], lr=cfg.lr)   # plain loop: E1 stays bit-identical across sessions
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     bar = progress(_batches(len(images), cfg.batch_size, cfg.steps, cfg.seed), total=cfg.steps, desc="autoencoder", unit="step")
     for idx in bar:
@@ -86,7 +86,7 @@ def finetune_decoder(enc: FirstEncoder, dec: Decoder, images: torch.Tensor, cfg:
     steps = round(cfg.decoder_finetune * cfg.steps)
     if steps < 1:
         return
-    opt = adamw(dec.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
     bar = progress(_batches(len(images), cfg.batch_size, steps, cfg.seed + 1), total=steps, desc="decoder", unit="step")
     dec.train()

@@ -36,15 +36,10 @@ def config_hash(*parts) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# Bumped when the training code changes what a config trains to, so that a run never mixes checkpoints of
-# two recipes: a cold run and a warm one then give the same figures. 2: fused AdamW, channels-last decoder
-# (session 21).
-TRAINING_RECIPE = 2
-
-
 def cache_dir(kind: str, *parts) -> Path:
     """Directory for one cached artefact; it holds `config.json` describing what built it."""
-    return cache_root() / f"{kind}-{config_hash(*parts, {'training_recipe': TRAINING_RECIPE})}"
+    path = cache_root() / f"{kind}-{config_hash(*parts)}"
+    return path
 
 
 @contextlib.contextmanager

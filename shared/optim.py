@@ -1,7 +1,8 @@
 """AdamW with PyTorch's fused kernel: one vectorised update for every parameter instead of a Python loop
 over them (torch >= 2.4 on CPU; CUDA too). The same update rule, rounded differently in the last bits.
-Measured on the 2-core AVX2 CPU (docs/results.md, session 21): 2.2 ms against 14-21 ms per step for the
-chain's UNet, about 5 % of a chain-training step."""
+Measured on the 2-core AVX2 CPU (docs/results.md, session 21): 2.2 ms against 14-21 ms per update of the
+chain's UNet, about 5 % of a chain-training step. Used by the chain and the teacher; the autoencoder keeps
+the plain loop, so E1, and every pool of latents it makes, stays bit-identical with earlier caches."""
 from __future__ import annotations
 
 from typing import Iterable

@@ -75,7 +75,4 @@ class Decoder(ModelMixin, ConfigMixin):
         self.register_buffer("scaling_factor", torch.ones(()))
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        # channels-last activations: oneDNN's transposed convolutions run ~10-30 % faster in that layout on
-        # CPU (docs/results.md, session 21); the 1-channel image comes out contiguous either way
-        h = (latents / self.scaling_factor).contiguous(memory_format=torch.channels_last)
-        return torch.tanh(self.conv_out(self.body(self.conv_in(h))))
+        return torch.tanh(self.conv_out(self.body(self.conv_in(latents / self.scaling_factor))))
