@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from shared.cache import building, cache_dir, to_jsonable
 from shared.config import AutoencoderConfig, ChainConfig
 from shared.device import autocast, cpu_bf16_key
-from shared.optim import adamw
 from shared.models.first_encoder import Decoder, FirstEncoder
 from shared.models.noise_estimators import NoiseEstimators, make_scheduler
 from shared.models.second_encoder import SecondEncoder
@@ -52,7 +51,7 @@ def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torc
     torch.manual_seed(cfg.seed)
     enc = FirstEncoder(images.shape[1], cfg.latent_channels, cfg.encoder_channels).to(device)
     dec = Decoder(images.shape[1], cfg.latent_channels, cfg.decoder_channels).to(device)
-    opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters()], lr=cfg.lr)   # plain loop: E1 stays bit-identical across sessions
+    opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters()], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     bar = progress(_batches(len(images), cfg.batch_size, cfg.steps, cfg.seed), total=cfg.steps, desc="autoencoder", unit="step")
     for idx in bar:
@@ -139,9 +138,9 @@ def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) 
     torch.manual_seed(cfg.seed)
     c, s = latents.shape[1], latents.shape[-1]
     e2 = SecondEncoder(c, cfg.second_encoder_channels, cfg.condition_tokens, cfg.cross_attention_dim).to(device)
-    est = NoiseEstimators(cfg.T, "shared", c, s, cfg.unet_channels, cfg.cross_attention_dim, cfg.attention_heads).to(device)
+    est = NoiseEstimators(cfg.T, "shared", c, s, cfg.unet_channels, cfg.cross_attention_dim).to(device)
     sched = make_scheduler(cfg.T, cfg.beta_schedule, "ddpm", prediction=cfg.prediction)
-    opt = adamw([*e2.parameters(), *est.parameters()], lr=cfg.lr)
+    opt = torch.optim.AdamW([*e2.parameters(), *est.parameters()], lr=cfg.lr)
     lr = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(cfg.shared_steps, 1), pct_start=0.05)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     bar = progress(_batches(len(latents), cfg.batch_size, cfg.shared_steps, cfg.seed), total=cfg.shared_steps, desc="chain (shared)", unit="step")
@@ -163,7 +162,7 @@ def finetune_separate(latents: torch.Tensor, cfg: ChainConfig, e2: SecondEncoder
     E2 stays frozen so that every module conditions on the same token space.
     """
     est = NoiseEstimators(cfg.T, "separate", latents.shape[1], latents.shape[-1], cfg.unet_channels,
-                          cfg.cross_attention_dim, cfg.attention_heads).to(device)
+                          cfg.cross_attention_dim).to(device)
     sched = make_scheduler(cfg.T, cfg.beta_schedule, "ddpm", prediction=cfg.prediction)
     e2.requires_grad_(False)
     batches = _batches(len(latents), cfg.batch_size, cfg.T * cfg.module_steps, cfg.seed + 2)
@@ -171,7 +170,7 @@ def finetune_separate(latents: torch.Tensor, cfg: ChainConfig, e2: SecondEncoder
     for t in range(cfg.T):
         module = est.estimators[t]
         module.load_state_dict(shared.estimators[0].state_dict())
-        opt = adamw(module.parameters(), lr=cfg.lr * 0.3)
+        opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr * 0.3)
         for _ in range(cfg.module_steps):
             loss = _noise_loss(e2, est, sched, latents[next(batches)].to(device), t)
             opt.zero_grad(set_to_none=True)

@@ -19,7 +19,6 @@ from shared.cache import building, cache_dir
 from shared.models.first_encoder import FirstEncoder
 from shared.models.second_encoder import SecondEncoder
 from shared.device import autocast, cpu_bf16_key
-from shared.optim import adamw
 from shared.progress import progress
 
 
@@ -49,7 +48,7 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
     gen = torch.Generator().manual_seed(seed)
     teacher = Teacher(first_encoder, second_encoder, num_classes).to(device)
     params = [*teacher.second_encoder.parameters(), *teacher.head.parameters()]
-    opt = adamw(params, lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     if steps < 4:
         raise ValueError(f"teacher steps must be >= 4 (one-cycle schedule), got {steps}")
     warmup = max(0.1, 2.0 / steps)                       # one-cycle needs >= 1 step up and down

@@ -41,7 +41,6 @@ class ChainConfig:
     prediction: str = "epsilon"             # estimator output: 'epsilon' (the noise) | 'v_prediction' (velocity)
     unet_channels: tuple[int, int] = (32, 64)
     cross_attention_dim: int = 64
-    attention_heads: int = 2                # per estimator attention; 8 until session 21: 4-dim heads, slower (docs/results.md)
     condition_tokens: int = 16              # E2 output: tokens (a square grid) x cross_attention_dim
     second_encoder_channels: int = 64        # 128 until session 20: 4x the MACs, no better (docs/results.md, session 20)
     shared_steps: int = 900                 # joint training of the shared estimator (warm start)

@@ -56,43 +56,6 @@ def test_chain_layouts(layout, modules):
         est.estimator(5)
 
 
-def _attention_heads(est: NoiseEstimators) -> set[int]:
-    return {m.heads for m in est.modules() if type(m).__name__ == "Attention"}
-
-
-def test_estimators_take_the_configured_attention_heads_and_old_checkpoints_load_with_eight(tmp_path):
-    """`ChainConfig.attention_heads` reaches every attention of every module; a checkpoint written before
-    the setting existed (no key in its config) loads as what built it, 8 heads, not as the new default."""
-    import json
-    from shared.config import ChainConfig
-    est = NoiseEstimators(3, "separate", 4, 8, (16, 32), 32, attention_heads=ChainConfig().attention_heads)
-    assert _attention_heads(est) == {ChainConfig().attention_heads}
-    est.save_pretrained(tmp_path / "old")
-    config = json.loads((tmp_path / "old" / "config.json").read_text())
-    del config["attention_heads"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
-    assert _attention_heads(NoiseEstimators.from_pretrained(tmp_path / "old")) == {8}
-    with pytest.raises(ValueError, match="must divide"):
-        NoiseEstimators(3, "separate", 4, 8, (16, 32), 32, attention_heads=3)
-
-
-def test_adamw_is_fused_where_torch_has_the_kernel_and_steps_as_the_plain_one():
-    from shared.optim import adamw
-    torch.manual_seed(0)
-    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
-    b.load_state_dict(a.state_dict())
-    fused, plain = adamw(a.parameters(), lr=1e-2, weight_decay=1e-4), torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=1e-4)
-    assert fused.defaults["fused"] is True
-    x = torch.randn(16, 8)
-    for _ in range(5):
-        for model, opt in ((a, fused), (b, plain)):
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.allclose(p, q, atol=1e-6)
-
-
 def test_scheduler_visits_every_step_once():
     for sampler in ("ddim", "ddpm"):
         assert make_scheduler(20, "squaredcos_cap_v2", sampler).timesteps.tolist() == list(range(19, -1, -1))

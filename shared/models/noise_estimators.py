@@ -17,24 +17,18 @@ from diffusers.models.modeling_utils import ModelMixin
 LAYOUTS = ("separate", "shared")
 
 
-def make_unet(latent_channels: int, sample_size: int, channels: tuple, cross_attention_dim: int,
-              heads: int = 8) -> UNet2DConditionModel:
-    """One estimator; `heads` attention heads in every transformer block (diffusers' UNet2DConditionModel
-    reads its `attention_head_dim` argument as the number of heads, a documented naming quirk)."""
-    if any(c % heads for c in channels):
-        raise ValueError(f"attention heads ({heads}) must divide every UNet width {tuple(channels)}")
+def make_unet(latent_channels: int, sample_size: int, channels: tuple, cross_attention_dim: int) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=tuple(channels), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=8)
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8)
 
 
 class NoiseEstimators(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, T: int = 20, layout: str = "separate", latent_channels: int = 4, sample_size: int = 8,
-                 channels: tuple = (32, 64), cross_attention_dim: int = 64, attention_heads: int = 8):
-        # attention_heads: 8 is what checkpoints written before session 21 (no such key) were built with
+                 channels: tuple = (32, 64), cross_attention_dim: int = 64):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"unknown estimator layout '{layout}'; choose one of {LAYOUTS}")
@@ -42,7 +36,7 @@ class NoiseEstimators(ModelMixin, ConfigMixin):
             raise ValueError(f"T must be >= 1, got {T}")
         n = T if layout == "separate" else 1
         self.estimators = nn.ModuleList(
-            make_unet(latent_channels, sample_size, channels, cross_attention_dim, attention_heads) for _ in range(n))
+            make_unet(latent_channels, sample_size, channels, cross_attention_dim) for _ in range(n))
 
     def estimator(self, t: int) -> UNet2DConditionModel:
         if not 0 <= t < self.config.T:
