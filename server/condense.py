@@ -21,7 +21,8 @@ by z_0's coefficient in the sampler's update; `cfg.guidance_steps` N > 0 guides 
 (session 18; a chain of N steps or fewer is guided throughout; defaults in shared/config.py). This
 departs from the patent's gradient-free chain: each step also takes first-order gradients through the
 small teacher (no unrolling). Claims 1-7 are otherwise unchanged: every step is still conditioned on its
-own real latent, and the label is still n_c / T. The teacher is trained on the pooled latents, so client-side DP is unchanged (post-processing).
+own real latent, and the label is still n_c / T. The teacher is trained on the pooled latents, so
+client-side DP is unchanged (post-processing).
 """
 from __future__ import annotations
 
