@@ -26,7 +26,7 @@ class AutoencoderConfig:
     decoder_channels: tuple[int, ...] = (96, 48, 24)
     kl_weight: float = 1e-4
     steps: int = 600
-    decoder_finetune: float = 1.5           # then decoder-only steps per joint step, E1 frozen (docs/results.md, session 9)
+    decoder_finetune: float = 0.75          # then decoder-only steps per joint step, E1 frozen (docs/results.md, sessions 9, 22)
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
@@ -44,7 +44,7 @@ class ChainConfig:
     condition_tokens: int = 16              # E2 output: tokens (a square grid) x cross_attention_dim
     second_encoder_channels: int = 64        # 128 until session 20: 4x the MACs, no better (docs/results.md, session 20)
     shared_steps: int = 900                 # joint training of the shared estimator (warm start)
-    module_steps: int = 15                  # per-module fine-tuning steps in the separate layout
+    module_steps: int = 7                   # per-module fine-tuning steps in the separate layout (15 until session 22)
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
