@@ -159,8 +159,11 @@ def finetune_separate(latents: torch.Tensor, cfg: ChainConfig, e2: SecondEncoder
                       device: torch.device) -> NoiseEstimators:
     """Claim 2's T modules: each starts from the shared estimator and is tuned on its own step only.
 
-    E2 stays frozen so that every module conditions on the same token space.
+    E2 stays frozen so that every module conditions on the same token space. The noise draws are seeded
+    here, so the modules depend on the config and the data alone: a run that loads the shared estimator
+    from the cache (resumed, or with other module steps) builds what a cold run builds (session 22).
     """
+    torch.manual_seed(cfg.seed + 2)
     est = NoiseEstimators(cfg.T, "separate", latents.shape[1], latents.shape[-1], cfg.unet_channels,
                           cfg.cross_attention_dim).to(device)
     sched = make_scheduler(cfg.T, cfg.beta_schedule, "ddpm", prediction=cfg.prediction)
@@ -182,6 +185,11 @@ def finetune_separate(latents: torch.Tensor, cfg: ChainConfig, e2: SecondEncoder
     return est.eval()
 
 
+# Part of the separate entries' key: what makes the same config train other modules. Session 22 seeded their
+# noise (`finetune_separate`), so entries built before it are not what this code builds.
+SEPARATE_RECIPE = ("seeded-noise",)
+
+
 def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators, dict]:
     """Trains (or loads) the shared estimator, then the separate modules when asked for."""
     start, key = time.time(), fingerprint(latents)
@@ -193,7 +201,7 @@ def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.d
             _save(shared_path, {"second_encoder": e2, "noise_estimators": est}, {"config": to_jsonable(shared_cfg)})
     path = shared_path
     if cfg.layout == "separate":
-        path = cache_dir("chain", cfg, key)
+        path = cache_dir("chain", cfg, key, *SEPARATE_RECIPE)
         with building(path):
             if not path.exists():
                 e2, est = load_chain(shared_path, device)

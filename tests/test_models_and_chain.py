@@ -282,3 +282,25 @@ def test_a_moved_cache_still_loads_its_separate_chain(tmp_path, monkeypatch):
     shutil.rmtree(shared)
     with pytest.raises(FileNotFoundError, match="copy that entry along"):
         pretrain.load_chain(entry, torch.device("cpu"))
+
+
+def test_separate_modules_do_not_depend_on_what_the_process_ran_before(tmp_path, monkeypatch):
+    """The per-module fine-tuning seeds its own noise: with the shared estimator already cached (a resumed
+    run, or one with other module steps) it builds the checkpoint that a cold run, training both in one
+    go, builds. Before session 22 it drew from wherever the global generator stood."""
+    import shutil
+    import server.pretrain as pretrain
+    from shared.config import ChainConfig
+    monkeypatch.setenv("FEDCONDENSE_CACHE", str(tmp_path))
+    latents = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg = ChainConfig(T=3, unet_channels=(16, 32), second_encoder_channels=32, cross_attention_dim=32,
+                      condition_tokens=4, shared_steps=2, module_steps=2, batch_size=16)
+    _, cold, info = pretrain.load_or_train_chain(latents, cfg, torch.device("cpu"))
+    shutil.rmtree(info["path"])                      # keep the shared entry only
+    torch.randn(1000)                                # whatever else the process did before
+    _, resumed, _ = pretrain.load_or_train_chain(latents, cfg, torch.device("cpu"))
+    for a, b in zip(cold.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    shared = cold.estimators[0].state_dict()
+    assert any(not torch.equal(v, cold.estimators[2].state_dict()[k]) for k, v in shared.items()), \
+        "the modules were fine-tuned, not copies of the shared estimator"
