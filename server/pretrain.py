@@ -187,7 +187,7 @@ def finetune_separate(latents: torch.Tensor, cfg: ChainConfig, e2: SecondEncoder
 
 # Part of the separate entries' key: what makes the same config train other modules. Session 22 seeded their
 # noise (`finetune_separate`), so entries built before it are not what this code builds.
-SEPARATE_RECIPE = ("seeded-noise",)
+SEPARATE_RECIPE = "seeded-noise"
 
 
 def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators, dict]:
@@ -201,7 +201,7 @@ def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.d
             _save(shared_path, {"second_encoder": e2, "noise_estimators": est}, {"config": to_jsonable(shared_cfg)})
     path = shared_path
     if cfg.layout == "separate":
-        path = cache_dir("chain", cfg, key, *SEPARATE_RECIPE)
+        path = cache_dir("chain", cfg, key, SEPARATE_RECIPE)
         with building(path):
             if not path.exists():
                 e2, est = load_chain(shared_path, device)

@@ -38,8 +38,7 @@ def config_hash(*parts) -> str:
 
 def cache_dir(kind: str, *parts) -> Path:
     """Directory for one cached artefact; it holds `config.json` describing what built it."""
-    path = cache_root() / f"{kind}-{config_hash(*parts)}"
-    return path
+    return cache_root() / f"{kind}-{config_hash(*parts)}"
 
 
 @contextlib.contextmanager
