@@ -22,7 +22,6 @@ from server.pool import LatentPool
 from shared.accounting import default_delta, noise_for_epsilon
 from shared.config import DemoConfig, FederationConfig
 from shared.data import ImageSplit
-from shared.device import keep_freed_memory
 
 log = logging.getLogger("fedcondense.server")
 
@@ -97,7 +96,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    keep_freed_memory()
     cfg, out = config_from_run_config(dict(context.run_config))
     report = run_federated(grid, cfg, out)
     log.info("report written to %s (synthetic accuracy %.4f)", out / "report.json", report["accuracy"]["synthetic"])

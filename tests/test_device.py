@@ -108,3 +108,19 @@ def test_encoding_uses_fixed_conv_kernels_and_restores_the_autotuner(monkeypatch
     with pytest.raises(RuntimeError):
         encode_images(e1, torch.zeros(2, 3, 32, 32))             # wrong channel count
     assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+
+
+def test_every_run_keeps_freed_memory_however_it_is_started(monkeypatch, tmp_path):
+    """`prepare_server`, where the single-machine, simulated and deployed runs all start, applies the
+    allocator setting itself: a script that called `run_simulation_demo` without the CLI trained its students
+    1.3-1.5x slower (session 23). It comes first, before anything can fail."""
+    from dataclasses import replace
+
+    import server.pipeline as pipeline
+    from shared.config import DataConfig, DemoConfig
+    calls = []
+    monkeypatch.setattr(pipeline, "keep_freed_memory", lambda: calls.append("kept") or True)
+    cfg = replace(DemoConfig(), data=DataConfig(data_dir=str(tmp_path / "none")), device="cpu")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        pipeline.prepare_server(cfg, tmp_path / "out")
+    assert calls == ["kept"]
