@@ -178,9 +178,8 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
 
 def prepare_server(cfg: DemoConfig, out: Path):
     """What every run starts with: the allocator setting, output dir, device, seeds, data, and E1/D from the
-    public split. The setting is here, not only in the CLI, so that every way of starting a run gets it: a
-    script calling `run_demo` or `run_simulation_demo` without it trained its students 1.3-1.5x slower
-    (session 23)."""
+    public split. The setting is applied here so that every way of starting a run gets it, a script calling
+    `run_demo` or `run_simulation_demo` as well as the CLI (docs/results.md, session 23)."""
     keep_freed_memory()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
