@@ -1,12 +1,38 @@
-"""Client-side Gaussian mechanism on latents (issue 4 §1), applied before sealing.
+"""The device's mechanisms (docs/privacy.md), applied before sealing, with randomness from the OS.
 
-Each latent is clipped to L2 norm <= C, then N(0, (sigma*C)^2) noise is added per coordinate. With the
-neighbouring relation 'replace one image' (one latent changes) the L2 sensitivity of the released
-latent is 2C under clipping; add/remove of one image gives C (see docs/privacy.md and shared/accounting).
+Latents: each is clipped to L2 norm <= C, then N(0, (sigma C)^2) noise is added per coordinate.
+Labels: k-ary randomized response, or released as they are when the operator declares them public.
+
+Every random draw comes from `os.urandom` (the kernel's CSPRNG), never from a seed: nothing the server
+sends or sees (run id, node id, chunk index, partition) determines the noise, so the server cannot
+regenerate and subtract it. Gaussians are drawn in float64 by the Box-Muller transform from 53-bit
+uniforms and the sum is released in float16; that rounding is post-processing of the float64 sum.
 """
 from __future__ import annotations
 
+import math
+import os
+
+import numpy as np
 import torch
+
+from shared.accounting import rr_noise_parameter
+
+
+def secure_uniform(n: int) -> np.ndarray:
+    """n float64 uniforms in (0, 1], 53 random bits each, from os.urandom."""
+    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+    return (bits.astype(np.float64) + 1.0) / float(2 ** 53)
+
+
+def secure_normal(shape) -> torch.Tensor:
+    """Standard normal float64 draws of `shape` from os.urandom (Box-Muller)."""
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    u1, u2 = secure_uniform(pairs), secure_uniform(pairs)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:n]
+    return torch.from_numpy(z).view(*shape)
 
 
 def clip_latents(latents: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -15,13 +41,22 @@ def clip_latents(latents: torch.Tensor, clip_norm: float) -> torch.Tensor:
     return (flat * scale[:, None]).view_as(latents)
 
 
-def gaussian_mechanism(latents: torch.Tensor, clip_norm: float, noise_multiplier: float,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Clip to `clip_norm`, add Gaussian noise of std `noise_multiplier * clip_norm`. C <= 0: identity."""
+def gaussian_mechanism(latents: torch.Tensor, clip_norm: float, noise_multiplier: float) -> torch.Tensor:
+    """Clip to `clip_norm`, add OS-random Gaussian noise of std `noise_multiplier * clip_norm`
+    (float64 sum, returned as float32). C <= 0: the latents as they are (no guarantee)."""
     if clip_norm <= 0:
         return latents
-    clipped = clip_latents(latents, clip_norm)
+    clipped = clip_latents(latents.double(), clip_norm)
     if noise_multiplier <= 0:
-        return clipped
-    noise = torch.randn(clipped.shape, generator=generator) * (noise_multiplier * clip_norm)
-    return clipped + noise.to(clipped.device)
+        return clipped.float()
+    return (clipped + secure_normal(clipped.shape) * (noise_multiplier * clip_norm)).float()
+
+
+def randomized_response(labels: torch.Tensor, epsilon: float, num_classes: int) -> torch.Tensor:
+    """k-ary randomized response: each label is kept with probability 1 - p, else replaced by a uniform
+    draw over all k classes (itself included), p = rr_noise_parameter(epsilon, k); OS randomness."""
+    p = rr_noise_parameter(epsilon, num_classes)
+    n = len(labels)
+    resample = torch.from_numpy(secure_uniform(n) <= p)
+    uniform = torch.from_numpy(np.minimum((secure_uniform(n) * num_classes).astype(np.int64), num_classes - 1))
+    return torch.where(resample, uniform, labels.long())

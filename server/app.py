@@ -19,7 +19,7 @@ from server.federation import collect
 from server.ledger import build_ledger, write_ledger
 from server.pipeline import canonical_pool, condense_and_evaluate, prepare_server
 from server.pool import LatentPool
-from shared.accounting import default_delta, noise_for_epsilon
+from shared.accounting import ImageRelease, calibrate, default_delta
 from shared.config import DemoConfig, FederationConfig
 from shared.data import ImageSplit
 
@@ -28,14 +28,15 @@ log = logging.getLogger("fedcondense.server")
 
 def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
     out, device, ds, e1, dec, ae = prepare_server(cfg, out)
-    cfg, delta = calibrate_privacy(cfg, e1, ds)
+    release = requested_release(cfg, e1, ds)
     pool = LatentPool(out / "pool")
-    fed = collect(grid, e1.cpu(), cfg.data, cfg.federation, pool, ds.num_classes)
+    fed = collect(grid, e1.cpu(), cfg.data, cfg.federation, release, pool, ds.num_classes, ds.native_shape)
     e1.to(device)
     arrived = canonical_pool(ImageSplit(*pool.load()))
-    fed["uplink_bytes_per_image"] = fed["bytes_received"] / max(len(arrived), 1)
+    pooled_bytes = sum(entry.get("ciphertext_bytes", 0) for entry in pool.provenance())    # resumed nodes too
+    fed["uplink_bytes_per_image"] = pooled_bytes / max(len(arrived), 1)
     fed["raw_bytes_per_image"] = ds.raw_bytes_per_image
-    ledger = build_ledger(cfg, fed, list(arrived.images.shape[1:]), delta)
+    ledger = build_ledger(cfg, fed, list(arrived.images.shape[1:]), release)
     write_ledger(out, ledger)
     info = {"mode": "federated", "pretrain": ae["seconds"], "federation": fed, "privacy": ledger["summary"],
             "checkpoints": {"autoencoder": ae["path"]}}
@@ -43,18 +44,24 @@ def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
     return condense_and_evaluate(ds, cfg, e1, dec, arrived, info, out, device)
 
 
-def calibrate_privacy(cfg: DemoConfig, e1, ds) -> tuple[DemoConfig, float | None]:
-    """Turn `--target-epsilon` into (clip C, noise sigma) for the clients. C defaults to the median
-    latent norm on the server's public split (no privacy cost)."""
+def requested_release(cfg: DemoConfig, e1, ds) -> ImageRelease:
+    """What the server asks every device to release per record (docs/privacy.md). `--target-epsilon`
+    calibrates clip C, latent noise and randomized-response labels; C defaults to the median latent
+    norm on the server's public split (no privacy cost). Without a target: no noise, labels as they are."""
     fed = cfg.federation
-    if fed is None or not fed.target_epsilon:
-        return cfg, None
+    if not fed.target_epsilon:
+        if fed.noise_multiplier > 0 and fed.clip_norm > 0:
+            return ImageRelease(fed.clip_norm, fed.noise_multiplier, fed.delta or default_delta(len(ds.private)),
+                                "public", None, ds.num_classes)
+        return ImageRelease(0.0, 0.0, 0.0, "public", None, ds.num_classes)
     from client.encode import encode_images
     delta = fed.delta or default_delta(len(ds.private))
     clip = fed.clip_norm or float(encode_images(e1, ds.public.images[:2000]).flatten(1).norm(dim=1).median())
-    sigma = noise_for_epsilon(fed.target_epsilon, delta)
-    log.info("DP: target epsilon %.3g, delta %.2g -> clip %.3g, noise multiplier %.4g", fed.target_epsilon, delta, clip, sigma)
-    return replace(cfg, federation=replace(fed, clip_norm=clip, noise_multiplier=sigma)), delta
+    release = calibrate(fed.target_epsilon, delta, label_mechanism=fed.label_mechanism, label_share=fed.label_share,
+                        num_classes=ds.num_classes, clip_norm=clip)
+    log.info("DP: target epsilon %.3g, delta %.2g -> clip %.3g, noise multiplier %.4g, labels %s (epsilon %s)",
+             fed.target_epsilon, delta, clip, release.noise_multiplier, release.label_mechanism, release.label_epsilon)
+    return release
 
 
 def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
@@ -62,7 +69,8 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     known = {"out", "clients", "alpha", "iid", "ipc", "T", "layout", "device", "train-limit", "test-limit",
              "ae-steps", "chain-steps", "chain-batch", "module-steps", "student-steps", "full-epochs", "timeout",
              "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student", "student-loss", "prediction",
-             "teacher-steps", "guidance", "guidance-terms", "guidance-steps", "retrain-baselines"}
+             "teacher-steps", "guidance", "guidance-terms", "guidance-steps", "retrain-baselines", "label-mechanism",
+             "label-share", "deadline"}
     unknown = set(run_config) - known
     if unknown:
         raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")

@@ -146,7 +146,7 @@ def inversion(ctx: AuditContext, steps: int, n: int, figures: Path) -> dict:
     for name, sigma in settings.items():
         inv = attacks.train_inverter(ctx.e1, factory, ctx.ds.public.images, steps, ctx.device,
                                      noise_std=0.0 if sigma is None else sigma * clip)
-        z = clean if sigma is None else gaussian_mechanism(clean.cpu(), clip, sigma, torch.Generator().manual_seed(0)).to(ctx.device)
+        z = clean if sigma is None else gaussian_mechanism(clean.cpu(), clip, sigma).to(ctx.device)
         with torch.no_grad():
             rec = inv(z).cpu()
         results[name] = {"psnr_db": float(attacks.psnr(rec, x.cpu()).mean()), "ssim": float(attacks.ssim(rec, x.cpu()).mean()),

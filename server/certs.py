@@ -1,13 +1,16 @@
-"""`fedcondense certs`: a CA, a SuperLink certificate with SANs, and SuperNode EC key pairs (issue 3 §4).
+"""`fedcondense certs`: a CA, a SuperLink certificate with SANs, and SuperNode EC key pairs.
 
 Everything with `cryptography`: the CA and server keys are ECDSA P-256 (PEM); node keys are ECDSA
 P-384 in OpenSSH format, as `flower-supernode --auth-supernode-private-key` and
-`flwr supernode register` expect.
+`flwr supernode register` expect. Private keys are created with mode 0600 (never written wider and
+narrowed afterwards); certificates carry Subject and Authority Key Identifiers, so they pass
+`openssl verify -x509_strict`.
 """
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -20,10 +23,19 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret with mode 0600 from its creation on (an existing file is narrowed first)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def _write_key(key, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -47,6 +59,7 @@ def make_certificates(out: Path, hosts: list[str], nodes: int, days: int = 365) 
           .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
           .sign(ca_key, hashes.SHA256()))
     server_key = ec.generate_private_key(ec.SECP256R1())
     server = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca.subject)
@@ -55,6 +68,9 @@ def make_certificates(out: Path, hosts: list[str], nodes: int, days: int = 365) 
               .add_extension(_san(hosts), critical=False)
               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.KeyUsage(True, False, False, False, True, False, False, False, False), critical=True)
+              .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
               .sign(ca_key, hashes.SHA256()))
     (out / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     _write_key(ca_key, out / "ca.key")
@@ -65,9 +81,8 @@ def make_certificates(out: Path, hosts: list[str], nodes: int, days: int = 365) 
     for i in range(nodes):
         key = ec.generate_private_key(ec.SECP384R1())
         priv, pub = out / f"node-{i}", out / f"node-{i}.pub"
-        priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
-        priv.chmod(0o600)
+        write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
         pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                       serialization.PublicFormat.OpenSSH) + b"\n")
         paths["nodes"].append({"private": str(priv), "public": str(pub)})

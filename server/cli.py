@@ -68,6 +68,12 @@ def _add_federation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-epsilon", type=float, default=None, help="client-side DP: epsilon per image")
     p.add_argument("--delta", type=float, default=None, help="DP delta (default 1/(10 n))")
     p.add_argument("--clip-norm", type=float, default=None, help="latent L2 clip (default: median public norm)")
+    p.add_argument("--label-mechanism", choices=["randomized_response", "public"], default=None,
+                   help="with --target-epsilon: labels through randomized response (default), or declared public "
+                        "(the epsilon then covers latents only; the report says so in bold)")
+    p.add_argument("--label-share", type=float, default=None,
+                   help="share of --target-epsilon spent on randomized-response labels (default 0.25)")
+    p.add_argument("--deadline", type=float, default=None, help="seconds the whole collection may take")
 
 
 def demo_config(args):
@@ -94,7 +100,8 @@ def demo_config(args):
     if not getattr(args, "local", True):
         fed = override(FederationConfig(), clients=args.clients, alpha=args.alpha, timeout=args.timeout,
                        chunk_size=args.chunk_size, partition_seed=args.seed, iid=args.iid or None,
-                       target_epsilon=args.target_epsilon, delta=args.delta, clip_norm=args.clip_norm)
+                       target_epsilon=args.target_epsilon, delta=args.delta, clip_norm=args.clip_norm,
+                       label_mechanism=args.label_mechanism, label_share=args.label_share, deadline=args.deadline)
     eval_seeds = getattr(args, "eval_seeds", None)
     eval_seeds = cfg.eval_seeds if eval_seeds is None else eval_seeds
     if eval_seeds < 1:
@@ -270,6 +277,12 @@ def cmd_certs(args) -> int:
     return 0
 
 
+def cmd_gateway(args) -> int:
+    from server.gateway import serve
+    serve(args.listen, args.superlink, args.ssl_certfile, args.ssl_keyfile, args.ca)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcondense", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -345,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to make")
     p.add_argument("--days", type=int, default=365)
     p.set_defaults(fn=cmd_certs)
+    p = sub.add_parser("gateway", help="the deployment's public port: forwards the Fleet API alone to a SuperLink "
+                                       "bound to 127.0.0.1 (deploy/README.md)")
+    p.add_argument("--listen", default="0.0.0.0:9092", help="HOST:PORT the SuperNodes connect to")
+    p.add_argument("--superlink", default="https://127.0.0.1:9093", help="the SuperLink's loopback URL")
+    p.add_argument("--ssl-certfile", required=True, help="certificate the SuperNodes verify (server.pem)")
+    p.add_argument("--ssl-keyfile", required=True, help="its private key (server.key)")
+    p.add_argument("--ca", default=None, help="CA that verifies the SuperLink's certificate (ca.crt)")
+    p.set_defaults(fn=cmd_gateway)
     return parser
 
 

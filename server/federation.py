@@ -1,14 +1,18 @@
-"""Server side of the federation: distribute E1 + key, collect sealed chunks, validate, pool (issue 3 §2).
+"""Server side of the federation: send E1, key and parameters; collect sealed chunks; validate; pool.
 
 Protocol (Flower Message API, message type `query.encode`): the server asks every node for chunk 0,
 learns each node's chunk count from its first envelope, then asks for the next chunk of every node
-still pending, until all are in. A node whose reply is missing (timeout), carries an error, or fails
-validation is dropped and whatever it staged is discarded; the others go on.
+still pending, until all are in. A node whose reply is missing (timeout), carries an error, is a
+refusal of the device's policy, or fails validation is dropped and whatever it staged is discarded;
+the others go on. Whatever a node sends, `collect` does not raise: each bad reply becomes a rejection
+code and a drop. Memory staged per node and in total is capped, and the collection ends by an
+overall deadline.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import asdict
@@ -16,9 +20,12 @@ from dataclasses import asdict
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from client.policy import encoder_sha256
 from server.pool import LatentPool
+from shared.accounting import ImageRelease
 from shared.config import DataConfig, FederationConfig
 from shared.models.first_encoder import FirstEncoder
+from shared.release import REFUSAL_FIELDS, REPLY_FIELDS
 from shared.sealing import Limits, Opener, SubmissionRejected, raw_public
 
 log = logging.getLogger("fedcondense.federation")
@@ -36,16 +43,22 @@ def wait_for_nodes(grid, expected: int, timeout: float) -> list[int]:
     return sorted(nodes)
 
 
-def request(e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig, run_id: str, server_public: bytes,
-            node_id: int, round_: int, chunk: int, num_classes: int) -> RecordDict:
+def mechanism_request(release: ImageRelease) -> dict:
+    return {"clip_norm": float(release.clip_norm), "noise_multiplier": float(release.noise_multiplier),
+            "delta": float(release.delta), "label_mechanism": release.label_mechanism,
+            "label_epsilon": float(release.label_epsilon or 0.0)}
+
+
+def request(e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig, release: ImageRelease, run_id: str,
+            server_public: bytes, node_id: int, round_: int, chunk: int, num_classes: int,
+            native_shape: tuple[int, int]) -> RecordDict:
+    side = data_cfg.image_size // 2 ** len(e1.config.channels)
     cfg = ConfigRecord({
         "run_id": run_id, "node_id": int(node_id), "round": round_, "chunk": chunk, "chunk_size": fed.chunk_size,
         "server_public": server_public, "data_config": json.dumps(asdict(data_cfg)), "iid": fed.iid,
-        "alpha": float(fed.alpha), "partition_seed": fed.partition_seed, "clip_norm": float(fed.clip_norm),
-        "noise_multiplier": float(fed.noise_multiplier), "noise_seed": fed.partition_seed,
-        "threads": fed.client_threads, "num_classes": num_classes,
-        "latent_shape": [e1.config.latent_channels, data_cfg.image_size // 2 ** len(e1.config.channels),
-                         data_cfg.image_size // 2 ** len(e1.config.channels)]})
+        "alpha": float(fed.alpha), "partition_seed": fed.partition_seed, "threads": fed.client_threads,
+        "num_classes": num_classes, "native_shape": list(native_shape),
+        "latent_shape": [e1.config.latent_channels, side, side], **mechanism_request(release)})
     return RecordDict({"config": cfg, "first_encoder": ArrayRecord(e1.state_dict()),
                        "first_encoder_config": ConfigRecord({"json": json.dumps(public_config(e1))})})
 
@@ -55,51 +68,136 @@ def public_config(model) -> dict:
     return {k: v for k, v in model.config.items() if not k.startswith("_")}
 
 
-class Collection:
-    """Book-keeping of one collection round: per-node progress, drops, rejections, traffic."""
+def _typed(value, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types)
 
-    def __init__(self, pool: LatentPool, opener: Opener, round_: int):
-        self.pool, self.opener, self.round = pool, opener, round_
+
+def check_reply(content: RecordDict) -> tuple[str, dict, dict]:
+    """('refusal', fields, {}) or ('envelope', envelope, mechanism), every record and field exactly as
+    shared/release.py declares it; anything else raises SubmissionRejected('malformed')."""
+    try:
+        names = set(content.keys())
+    except Exception:
+        raise SubmissionRejected("malformed", "the reply is not a record dict") from None
+    expected = {"refusal"} if names == {"refusal"} else set(REPLY_FIELDS)
+    if names != expected:
+        raise SubmissionRejected("malformed", f"reply records {sorted(names)}, expected {sorted(REPLY_FIELDS)} "
+                                              f"or ['refusal']")
+    schema = {"refusal": REFUSAL_FIELDS} if names == {"refusal"} else REPLY_FIELDS
+    records = {}
+    for rec, fields in schema.items():
+        if not isinstance(content[rec], ConfigRecord):
+            raise SubmissionRejected("malformed", f"record '{rec}' is not a ConfigRecord")
+        got = dict(content[rec])
+        if set(got) != set(fields):
+            raise SubmissionRejected("malformed", f"record '{rec}' has fields {sorted(got)}, expected {sorted(fields)}"
+                                                  " (a field outside shared/release.py would leave the ledger)")
+        wrong = [k for k, (types, _, _) in fields.items() if not _typed(got[k], types)]
+        if wrong:
+            raise SubmissionRejected("malformed", f"record '{rec}': fields {wrong} have the wrong type")
+        records[rec] = got
+    if names == {"refusal"}:
+        return "refusal", records["refusal"], {}
+    return "envelope", records["envelope"], records["mechanism"]
+
+
+class Collection:
+    """Book-keeping of one collection round: per-node progress, drops, rejections, traffic, staged bytes."""
+
+    def __init__(self, pool: LatentPool, opener: Opener, round_: int, expected: dict, fed: FederationConfig):
+        self.pool, self.opener, self.round, self.expected, self.fed = pool, opener, round_, expected, fed
         self.next_chunk: dict[int, int] = {}
         self.num_chunks: dict[int, int] = {}
         self.stats: dict[int, dict] = {}
+        self.staged_bytes: dict[int, int] = {}
         self.dropped: dict[int, str] = {}
         self.rejections: list[dict] = []
+        self.refusals: dict[int, dict] = {}
         self.bytes_received = 0
 
     def drop(self, node: int, reason: str) -> None:
         discarded = self.pool.discard(node)
+        self.staged_bytes.pop(node, None)
         self.next_chunk.pop(node, None)
         self.dropped[node] = reason
         log.warning("node %s dropped: %s (%d staged chunks discarded)", node, reason, discarded)
 
-    def accept(self, node: int, content: RecordDict, num_classes: int) -> None:
-        env = dict(content["envelope"])
-        ct = env.get("ciphertext")
-        self.bytes_received += len(ct) if isinstance(ct, (bytes, bytearray)) else 0
+    def reject(self, node: int, code: str, detail: str) -> None:
+        self.rejections.append({"node_id": node, "code": code, "detail": detail[:500]})
+        log.warning("rejected the reply of node %s: %s: %s", node, code, detail[:500])
+        self.drop(node, f"rejected: {code}")
+
+    def handle(self, node: int, reply: Message) -> None:
+        """One reply; never raises: every failure is a rejection code and a drop."""
+        try:
+            if reply.has_error():
+                self.drop(node, f"client error: {str(reply.error.reason)[:300]}")
+                return
+            kind, fields, mechanism = check_reply(reply.content)
+            if kind == "refusal":
+                self.refusals[node] = fields
+                log.warning("node %s refused by its device policy: %s: %s", node, fields["code"], fields["reason"])
+                self.drop(node, f"refused by the device's policy: {fields['code']}: {fields['reason'][:300]}")
+                return
+            self.accept(node, fields, mechanism)
+        except SubmissionRejected as exc:
+            self.reject(node, exc.code, exc.detail)
+        except Exception as exc:             # a reply must never end the collection
+            self.reject(node, "invalid", f"{type(exc).__name__}: {exc}")
+
+    def accept(self, node: int, env: dict, mechanism: dict) -> None:
+        applied = {k: mechanism[k] for k in self.expected}
+        if applied != self.expected:
+            raise SubmissionRejected("mechanism", f"the device applied {applied}, the server asked for {self.expected}")
+        self.bytes_received += len(env["ciphertext"])
         chunk = self.next_chunk[node]
-        if int(env.get("chunk", -1)) != chunk:
-            raise SubmissionRejected("order", f"expected chunk {chunk}, got {env.get('chunk')}")
+        if env["chunk"] != chunk:
+            raise SubmissionRejected("order", f"expected chunk {chunk}, got {env['chunk']}")
+        max_chunks = max(1, math.ceil(self.fed.max_node_records / self.fed.chunk_size))
+        if not 0 < env["num_chunks"] <= max_chunks or self.num_chunks.get(node, env["num_chunks"]) != env["num_chunks"]:
+            raise SubmissionRejected("oversized", f"{env['num_chunks']} chunks declared (at most {max_chunks}, "
+                                                  f"constant over a node's chunks)")
         latents, labels = self.opener.open(env, node, self.round)
-        self.pool.stage(node, chunk, latents, labels)
-        self.num_chunks[node] = int(env["num_chunks"])
-        st = self.stats.setdefault(node, {"encode_seconds": 0.0, "ciphertext_bytes": 0, "raw_image_bytes": 0,
-                                          "latents": 0, "peak_rss_mb": 0.0})
-        m = dict(content["stats"])
-        st["partition_id"] = int(m["partition_id"])
-        st["encode_seconds"] += float(m["encode_seconds"])
-        st["ciphertext_bytes"] += int(m["ciphertext_bytes"])
-        st["raw_image_bytes"] += int(m["raw_image_bytes"])
+        size = latents.numel() * 2 + labels.numel()
+        if sum(self.staged_bytes.values()) + size > self.fed.max_staged_mb * 2**20:
+            raise SubmissionRejected("staging_cap", f"staging {size} more bytes would pass the server's cap of "
+                                                    f"{self.fed.max_staged_mb:.0f} MB")
+        self.pool.stage(node, chunk, latents.half(), labels)
+        self.staged_bytes[node] = self.staged_bytes.get(node, 0) + size
+        self.num_chunks[node] = env["num_chunks"]
+        st = self.stats.setdefault(node, {"ciphertext_bytes": 0, "latents": 0, "chunks": 0})
+        st["ciphertext_bytes"] += len(env["ciphertext"])
         st["latents"] += len(labels)
-        st["peak_rss_mb"] = max(st["peak_rss_mb"], float(m["peak_rss_mb"]))
+        st["chunks"] += 1
+        st["mechanism"] = {**mechanism, "epsilon": mechanism["epsilon"] if math.isfinite(mechanism["epsilon"]) else "inf"}
         self.next_chunk[node] = chunk + 1
         if self.next_chunk[node] == self.num_chunks[node]:
             del self.next_chunk[node]
-            self.pool.commit(node, self.num_chunks[node], {"num_classes": num_classes, "round": self.round, **st})
+            self.staged_bytes.pop(node, None)
+            self.pool.commit(node, self.num_chunks[node], {"num_classes": self.opener.limits.num_classes,
+                                                           "round": self.round, **st})
 
 
-def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig, pool: LatentPool,
-            num_classes: int, round_: int = 0) -> dict:
+def check_resume(pool: LatentPool, expected: dict, e1_hash: str) -> set[int]:
+    """The nodes an earlier run of this output folder committed, if it asked for the same mechanisms and
+    encoder; a pool collected under other settings is refused, never mixed."""
+    done = set()
+    for entry in pool.provenance():
+        mech = entry.get("mechanism") or {}
+        asked = {k: mech.get(k) for k in expected}
+        if asked != expected or mech.get("encoder_sha256") != e1_hash:
+            raise RuntimeError(f"the pool in {pool.root} holds node {entry.get('node_id')}'s latents collected under "
+                               f"{asked} with encoder {str(mech.get('encoder_sha256'))[:12]}; this run asks for "
+                               f"{expected} with encoder {e1_hash[:12]}. Use a new output folder (--out), or the "
+                               f"same settings to resume")
+        done.add(entry["node_id"])
+    return done
+
+
+def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig, release: ImageRelease,
+            pool: LatentPool, num_classes: int, native_shape: tuple[int, int], round_: int = 0) -> dict:
     """Runs the collection; returns the federation section of the report.
 
     After every request round `pool.root/../collect_status.json` tells operators (and tests) where
@@ -107,34 +205,34 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
     """
     key = X25519PrivateKey.generate()
     run_id = uuid.uuid4().hex
-    latent_side = data_cfg.image_size // 2 ** len(e1.config.channels)
-    opener = Opener(key, run_id, Limits((e1.config.latent_channels, latent_side, latent_side), num_classes,
-                                        max_chunk_latents=fed.chunk_size))
+    side = data_cfg.image_size // 2 ** len(e1.config.channels)
+    opener = Opener(key, run_id, Limits((e1.config.latent_channels, side, side), num_classes,
+                                        max_chunk_latents=fed.chunk_size,
+                                        max_chunks=max(1, math.ceil(fed.max_node_records / fed.chunk_size))))
+    expected = mechanism_request(release)
+    e1_hash = encoder_sha256(e1.state_dict())
+    done_before = check_resume(pool, expected, e1_hash)
     nodes = wait_for_nodes(grid, fed.clients, fed.connect_timeout)
-    done_before = pool.committed_nodes()
-    col = Collection(pool, opener, round_)
+    col = Collection(pool, opener, round_, expected, fed)
     col.next_chunk = {n: 0 for n in nodes if n not in done_before}
     start, requests = time.time(), 0
     while col.next_chunk:
-        msgs = [Message(request(e1, data_cfg, fed, run_id, raw_public(key.public_key()), n, round_, c, num_classes),
+        left = fed.deadline - (time.time() - start)
+        if left <= 0:
+            for node in list(col.next_chunk):
+                col.drop(node, f"the collection's deadline of {fed.deadline:.0f}s passed")
+            break
+        msgs = [Message(request(e1, data_cfg, fed, release, run_id, raw_public(key.public_key()), n, round_, c,
+                                num_classes, native_shape),
                         dst_node_id=n, message_type="query.encode", group_id=f"collect-{round_}")
                 for n, c in col.next_chunk.items()]
+        wait = min(fed.timeout + (fed.startup_grace if requests == 0 else 0.0), left)
         replied = set()
-        wait = fed.timeout + (fed.startup_grace if requests == 0 else 0.0)
         for reply in grid.send_and_receive(msgs, timeout=wait):
             node = reply.metadata.src_node_id
-            replied.add(node)
-            if node not in col.next_chunk:
-                continue
-            if reply.has_error():
-                col.drop(node, f"client error: {reply.error.reason}")
-                continue
-            try:
-                col.accept(node, reply.content, num_classes)
-            except SubmissionRejected as exc:
-                col.rejections.append({"node_id": node, "code": exc.code, "detail": exc.detail})
-                log.warning("rejected submission of node %s: %s", node, exc)
-                col.drop(node, f"rejected: {exc.code}")
+            if node in col.next_chunk and node not in replied:
+                replied.add(node)
+                col.handle(node, reply)
         for node in [n for n in col.next_chunk if n not in replied]:
             col.drop(node, f"no reply within {wait:.0f}s")
         requests += 1
@@ -143,5 +241,7 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
         (pool.root.parent / "collect_status.json").write_text(json.dumps(status))
     return {"run_id": run_id, "nodes": nodes, "resumed_nodes": sorted(done_before & set(nodes)),
             "accepted_nodes": sorted(pool.committed_nodes()), "dropped_nodes": col.dropped,
-            "rejections": col.rejections, "bytes_received": col.bytes_received, "collect_seconds": time.time() - start,
+            "rejections": col.rejections, "refusals": {str(n): r for n, r in col.refusals.items()},
+            "bytes_received": col.bytes_received, "collect_seconds": time.time() - start,
+            "encoder_sha256": e1_hash, "requested_mechanism": expected,
             "clients": {str(n): s for n, s in col.stats.items()}}

@@ -1,47 +1,78 @@
-"""Privacy ledger of a run (issue 4 §2): every release with its mechanism, parameters, epsilon and
-delta; what left each device (shapes, dtype, bytes, cipher); versions and seeds."""
+"""Privacy ledger of a run (docs/privacy.md): the per-record guarantee, every field that left a device
+with how it is covered, each device's release, versions and seeds."""
 from __future__ import annotations
 
 import json
+import math
 import platform
 from importlib.metadata import version
 from pathlib import Path
 
-from shared.accounting import NEIGHBOURING, GaussianRelease
+from shared.accounting import ImageRelease
 from shared.cache import to_jsonable
 from shared.config import DemoConfig
+from shared.release import ledger_table
 from shared.sealing import CIPHER
 
-THREAT_MODEL = ("honest-but-curious server that sees every released latent; network attackers see only "
-                "AES-GCM ciphertexts. Downstream training, condensation and students are post-processing "
-                "of the released latents and spend no further privacy.")
+THREAT_MODEL = ("curious server that sees every released latent and label and every value it sends or receives; "
+                "network attackers see only AES-GCM ciphertexts. The devices draw their noise from the OS's "
+                "CSPRNG, so nothing the server knows regenerates it. Downstream training, condensation and "
+                "students are post-processing of the released records and spend no further privacy.")
+NOT_RELEASED = ("pixels; encode timings; memory use: they stay in the device's own log. The per-device record count "
+                "n is released (chunk count, ciphertext length): under the replace-one relation neighbouring "
+                "datasets have the same size, so n is public by definition of the guarantee.")
 
 
-def build_ledger(cfg: DemoConfig, federation: dict, latent_shape: list[int], delta: float | None) -> dict:
-    fed = cfg.federation
-    dp = fed is not None and fed.noise_multiplier > 0 and fed.clip_norm > 0
-    release = GaussianRelease(fed.clip_norm, fed.noise_multiplier, delta) if dp else None
-    entry = release.ledger_entry() if release else {
-        "mechanism": "none", "epsilon": "inf", "delta": 0.0, "neighbouring": NEIGHBOURING,
-        "note": "no differential privacy: latents left the devices without noise; no privacy guarantee is claimed"}
-    device_releases = []
-    for node, st in (federation.get("clients") or {}).items():
-        accepted = int(node) in set(federation.get("accepted_nodes", []))
-        device_releases.append({"node_id": int(node), "partition_id": st.get("partition_id"), "accepted": accepted,
-                                "latents": st.get("latents"), "shape": [st.get("latents"), *latent_shape],
-                                "dtype": "float16", "ciphertext_bytes": st.get("ciphertext_bytes"),
-                                "cipher": CIPHER, **entry})
+def guarantee(release: ImageRelease) -> dict:
+    if not release.private:
+        return {"mechanism": "none", "epsilon": "inf", "delta": 0.0, "neighbouring": release.neighbouring,
+                "covers": "nothing", "labels_public": True,
+                "note": "NO DIFFERENTIAL PRIVACY: latents and labels left the devices without noise"}
+    entry = release.ledger_entry()
+    if release.label_mechanism == "public":
+        entry["covers"] = "the latent only"
+        entry["labels_public"] = True
+        entry["note"] = ("**LABELS ARE PUBLIC: they left the devices in the clear. The epsilon covers the latent "
+                         "only, against neighbours that replace an image by another of the same label.**")
+    else:
+        entry["covers"] = "the (latent, label) pair of each record"
+        entry["labels_public"] = False
+    return entry
+
+
+def build_ledger(cfg: DemoConfig, federation: dict, latent_shape: list[int], release: ImageRelease) -> dict:
+    entry = guarantee(release)
+    accepted = set(federation.get("accepted_nodes", []))
+    device_releases = [{"node_id": int(node), "accepted": int(node) in accepted, "records": st.get("latents"),
+                        "chunks": st.get("chunks"), "shape": [st.get("latents"), *latent_shape], "dtype": "float16",
+                        "ciphertext_bytes": st.get("ciphertext_bytes"), "cipher": CIPHER,
+                        "as_the_device_reported": st.get("mechanism")}
+                       for node, st in (federation.get("clients") or {}).items()]
+    summary = {k: entry.get(k) for k in ("epsilon", "delta", "mechanism", "neighbouring", "covers", "labels_public")}
+    summary.update(per="record (image and its label), each released once", threat_model=THREAT_MODEL,
+                   note=entry.get("note"))
     return {
-        "summary": {"epsilon": entry["epsilon"], "delta": entry["delta"], "per": "image (each latent released once)",
-                    "neighbouring": NEIGHBOURING, "threat_model": THREAT_MODEL, "mechanism": entry["mechanism"]},
-        "releases": device_releases,
+        "summary": summary, "guarantee": entry, "fields_leaving_a_device": ledger_table(),
+        "not_released": NOT_RELEASED, "encoder_sha256": federation.get("encoder_sha256"),
+        "refusals": federation.get("refusals", {}), "releases": device_releases,
         "versions": {p: version(p) for p in ("torch", "diffusers", "flwr", "cryptography", "dp-accounting")}
                     | {"python": platform.python_version()},
-        "seeds": {"data": cfg.data.seed, "partition": fed.partition_seed if fed else None,
-                  "condense": cfg.condense.seed, "student": cfg.student.seed},
-        "federation_config": to_jsonable(fed),
+        "seeds": {"data": cfg.data.seed, "partition": cfg.federation.partition_seed if cfg.federation else None,
+                  "condense": cfg.condense.seed, "student": cfg.student.seed, "device_noise": "os.urandom (unseeded)"},
+        "federation_config": to_jsonable(cfg.federation),
     }
 
 
+def _finite(obj):
+    """JSON without NaN/inf: infinite numbers as the string 'inf'."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else "-inf"
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_ledger(out: Path, ledger: dict) -> None:
-    (Path(out) / "privacy_ledger.json").write_text(json.dumps(ledger, indent=2, allow_nan=False))
+    (Path(out) / "privacy_ledger.json").write_text(json.dumps(_finite(ledger), indent=2, allow_nan=False))

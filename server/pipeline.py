@@ -270,9 +270,10 @@ def format_table(report: dict) -> str:
                  f"student {s['student']:.0f}{extra}  | {report['mode']} | device {report['device']}")
     if report.get("privacy"):
         p = report["privacy"]
-        lines.append("privacy: no differential privacy (epsilon = inf); latents sealed in transit only"
+        lines.append("privacy: NO differential privacy (epsilon = inf); latents and labels sealed in transit only"
                      if p["mechanism"] == "none" else
-                     f"privacy: epsilon={p['epsilon']:.3g}, delta={p['delta']:.2g} per image ({p['neighbouring']})")
+                     f"privacy: epsilon={p['epsilon']:.3g}, delta={p['delta']:.2g} per record, covering "
+                     f"{p['covers']} ({p['neighbouring']})" + (f"\n{p['note']}" if p.get("note") else ""))
     fed = report.get("federation")
     if fed:
         lines.append(f"federation: {len(fed['accepted_nodes'])}/{len(fed['nodes'])} nodes accepted, "

@@ -1,69 +1,102 @@
-"""Differential-privacy accounting for the client-side latent mechanism (issue 4 §1).
+"""Differential-privacy accounting for what one device releases per image (docs/privacy.md).
 
-Mechanism (client/privacy.py): each image's latent is clipped to L2 norm C and released once with
-N(0, (sigma C)^2 I) noise. Neighbouring relation: two datasets that differ in ONE image (replace-one);
-the released latent moves by at most 2C, so the mechanism is the Gaussian mechanism with sensitivity
-2C, i.e. effective noise multiplier z = sigma / 2. The threat model is a curious server that sees
-every released latent (encryption protects them only in transit). Everything downstream (chain
-training, condensation, students) is post-processing and spends no further privacy.
-Accounting: dp-accounting's PLD accountant (tight) with its RDP accountant as a cross-check;
-`releases` > 1 composes repeated releases of the same image.
+Per image a device releases a pair: its latent through the Gaussian mechanism (clipped to L2 norm C,
+then N(0, (sigma C)^2 I) noise) and its label through k-ary randomized response with epsilon_label,
+or in the clear when the operator declares labels public. Neighbouring relation: two datasets that
+differ in ONE (image, label) record, the dataset size staying fixed (replace-one, "bounded" DP), so
+the released latent moves by at most 2C and the label by one bucket. With public labels the relation
+narrows to "replace one image by another of the same class", and the report says so in bold.
+
+The epsilon of the pair is the exact composition of both mechanisms in dp-accounting's PLD
+accountant under REPLACE_ONE (its Gaussian event there already carries sensitivity 2); its RDP
+accountant is the cross-check, given the Gaussian explicitly at sensitivity 2 (sigma / 2), because
+its REPLACE_ONE Gaussian keeps sensitivity 1. `releases` > 1 composes repeated releases of the same
+records. Everything after the release (pooling, training, condensation, students) is
+post-processing and spends no further privacy.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable, Optional
 
 import dp_accounting
+from dp_accounting import NeighboringRelation
 from dp_accounting.pld import PLDAccountant
-from dp_accounting.pld.common import DifferentialPrivacyParameters
-from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
 from dp_accounting.rdp import RdpAccountant
 
-NEIGHBOURING = "replace-one-image (L2 sensitivity 2C after clipping)"
+NEIGHBOURING = "replace one (image, label) record; dataset size fixed (latent L2 sensitivity 2C)"
+NEIGHBOURING_PUBLIC_LABELS = ("replace one image by another OF THE SAME LABEL; dataset size fixed "
+                              "(latent L2 sensitivity 2C); labels are released in the clear")
+LABEL_MECHANISMS = ("randomized_response", "public")
+
+
+def rr_noise_parameter(epsilon: float, num_classes: int) -> float:
+    """dp-accounting's noise parameter p of k-ary randomized response at `epsilon`: with probability
+    1 - p the true label, else a uniform draw over all k labels; eps = ln(1 + k (1 - p) / p)."""
+    if epsilon <= 0 or num_classes < 2:
+        raise ValueError(f"randomized response needs epsilon > 0 and >= 2 classes, got {epsilon}, {num_classes}")
+    return num_classes / (math.exp(epsilon) + num_classes - 1)
 
 
 @dataclass(frozen=True)
-class GaussianRelease:
+class ImageRelease:
+    """One device's release of each of its records: latent (Gaussian) and label (randomized response
+    or public). `noise_multiplier` <= 0 or `clip_norm` <= 0 means no guarantee (epsilon inf)."""
     clip_norm: float
-    noise_multiplier: float          # noise std = noise_multiplier * clip_norm
+    noise_multiplier: float              # noise std = noise_multiplier * clip_norm
     delta: float
+    label_mechanism: str = "randomized_response"
+    label_epsilon: Optional[float] = None
+    num_classes: int = 10
     releases: int = 1
 
+    def __post_init__(self):
+        if self.label_mechanism not in LABEL_MECHANISMS:
+            raise ValueError(f"unknown label mechanism '{self.label_mechanism}'; choose one of {LABEL_MECHANISMS}")
+        if self.label_mechanism == "randomized_response" and self.private and not (self.label_epsilon or 0) > 0:
+            raise ValueError("randomized-response labels need label_epsilon > 0 (or label_mechanism='public')")
+
     @property
-    def effective_multiplier(self) -> float:
-        return self.noise_multiplier / 2.0          # sensitivity 2C
+    def private(self) -> bool:
+        return self.noise_multiplier > 0 and self.clip_norm > 0
+
+    @property
+    def neighbouring(self) -> str:
+        return NEIGHBOURING if self.label_mechanism == "randomized_response" else NEIGHBOURING_PUBLIC_LABELS
+
+    def _label_event(self) -> list:
+        if self.label_mechanism != "randomized_response":
+            return []
+        return [dp_accounting.RandomizedResponseDpEvent(rr_noise_parameter(self.label_epsilon, self.num_classes),
+                                                        self.num_classes)]
 
     def epsilon(self, accountant: str = "pld") -> float:
-        if self.noise_multiplier <= 0:
+        if not self.private:
             return math.inf
-        event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(self.effective_multiplier), self.releases)
-        acc = PLDAccountant() if accountant == "pld" else RdpAccountant()
-        acc.compose(event)
+        if accountant == "pld":
+            acc, latent = PLDAccountant(NeighboringRelation.REPLACE_ONE), dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        else:
+            acc, latent = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE), \
+                dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0)
+        acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.ComposedDpEvent([latent, *self._label_event()]),
+                                                      self.releases))
         return float(acc.get_epsilon(self.delta))
 
     def ledger_entry(self) -> dict:
-        return {"mechanism": "gaussian", **asdict(self), "sensitivity": 2 * self.clip_norm,
-                "neighbouring": NEIGHBOURING, "epsilon": self.epsilon("pld"), "epsilon_rdp": self.epsilon("rdp"),
-                "accountant": f"dp-accounting {getattr(dp_accounting, '__version__', '')} PLD (RDP cross-check)"}
+        rr = self.label_mechanism == "randomized_response" and self.private
+        return {"mechanism": "gaussian latent + " + ("randomized-response label" if rr else "public label"),
+                **asdict(self), "latent_sensitivity": 2 * self.clip_norm,
+                "label_keep_probability": (1 - rr_noise_parameter(self.label_epsilon, self.num_classes)
+                                           * (self.num_classes - 1) / self.num_classes) if rr else 1.0,
+                "neighbouring": self.neighbouring, "epsilon": self.epsilon("pld"), "epsilon_rdp": self.epsilon("rdp"),
+                "accountant": "dp-accounting PLD, REPLACE_ONE (RDP cross-check)"}
 
 
-def analytic_noise_multiplier(target_epsilon: float, delta: float, releases: int = 1) -> float:
-    """Exact calibration of the Gaussian mechanism (dp-accounting's analytic `GaussianPrivacyLoss`;
-    `releases` of one Gaussian compose exactly to one with std / sqrt(releases)), in our units (sensitivity 2C)."""
-    loss = GaussianPrivacyLoss.from_privacy_guarantee(DifferentialPrivacyParameters(target_epsilon, delta), sensitivity=1.0)
-    return 2.0 * loss.standard_deviation * math.sqrt(releases)
-
-
-def noise_for_epsilon(target_epsilon: float, delta: float, releases: int = 1, tol: float = 1e-4) -> float:
-    """Smallest noise multiplier sigma (to relative `tol`) whose PLD epsilon is <= target.
-
-    The bracket grows from the analytic calibration, which the PLD epsilon matches to ~1e-6, so two or
-    three PLD evaluations (~1 s each) settle it, where a bisection from scratch took ~17."""
-    if target_epsilon <= 0 or not 0 < delta < 1:
-        raise ValueError(f"need target epsilon > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
-    within = lambda s: GaussianRelease(1.0, s, delta, releases).epsilon("pld") <= target_epsilon
-    start, step = analytic_noise_multiplier(target_epsilon, delta, releases), tol
+def smallest_noise(within: Callable[[float], bool], start: float, tol: float = 1e-4) -> float:
+    """Smallest sigma (to relative `tol`) with `within(sigma)`, `within` monotone in sigma; the bracket
+    grows from `start` (an analytic guess), so a good guess settles it in a few evaluations."""
+    step = tol
     if within(start):
         lo, hi = start * (1 - step), start
         while within(lo):
@@ -73,13 +106,42 @@ def noise_for_epsilon(target_epsilon: float, delta: float, releases: int = 1, to
         lo, hi = start, start * (1 + step)
         while not within(hi):
             if hi > 1e5:
-                raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta}")
+                raise ValueError("no noise multiplier below 1e5 reaches that epsilon")
             step *= 4
             lo, hi = hi, start * (1 + step)
     while hi - lo > tol * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if within(mid) else (mid, hi)
     return hi
+
+
+def analytic_noise_multiplier(target_epsilon: float, delta: float, releases: int = 1) -> float:
+    """Exact calibration of the latent's Gaussian alone (dp-accounting's analytic `GaussianPrivacyLoss`
+    at sensitivity 2; `releases` compose exactly to one with std / sqrt(releases))."""
+    from dp_accounting.pld.common import DifferentialPrivacyParameters
+    from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
+    loss = GaussianPrivacyLoss.from_privacy_guarantee(DifferentialPrivacyParameters(target_epsilon, delta), sensitivity=1.0)
+    return 2.0 * loss.standard_deviation * math.sqrt(releases)
+
+
+def calibrate(target_epsilon: float, delta: float, *, label_mechanism: str = "randomized_response",
+              label_share: float = 0.25, num_classes: int = 10, releases: int = 1,
+              clip_norm: float = 1.0) -> ImageRelease:
+    """The release whose (latent, label) epsilon is at most `target_epsilon`: randomized response at
+    `label_share` of the budget, then the smallest latent noise that fits the composed total."""
+    if target_epsilon <= 0 or not 0 < delta < 1:
+        raise ValueError(f"need target epsilon > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
+    if label_mechanism == "randomized_response" and not 0 < label_share < 1:
+        raise ValueError(f"label_share must lie in (0, 1), got {label_share}")
+    label_eps = target_epsilon * label_share if label_mechanism == "randomized_response" else None
+    make = lambda s: ImageRelease(clip_norm, s, delta, label_mechanism, label_eps, num_classes, releases)
+    start = analytic_noise_multiplier(target_epsilon * (1 - label_share if label_eps else 1.0), delta, releases)
+    return make(smallest_noise(lambda s: make(s).epsilon("pld") <= target_epsilon, start))
+
+
+def noise_for_epsilon(target_epsilon: float, delta: float, releases: int = 1) -> float:
+    """Smallest latent noise multiplier for `target_epsilon` when labels are public."""
+    return calibrate(target_epsilon, delta, label_mechanism="public", releases=releases).noise_multiplier
 
 
 def default_delta(n: int) -> float:

@@ -78,11 +78,30 @@ class StudentConfig:
     lr_reference_batch: int = 100           # batches below it train at lr * sqrt(batch / it) (IPC 1: batch 10, session 9)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    augment: str = "dsa"                    # differentiable siamese-style augmentation | 'none'
+    augment: str = "affine"                 # shared/augment.py: 'affine' | 'dsa' | 'none'
     loss: str = "soft_ce:0.25,kd:1"         # loss spec (server/losses.py); any term but soft_ce uses the teacher
     teacher_steps: int = 300                # the server's teacher, trained on the pooled latents (server/teacher.py)
     teacher_strength: Optional[float] = None  # teacher's augmentation relative to the student's; None: the loss decides
     full_epochs: float = 0.3                # the full-real upper bound trains by epochs (0.3 ~ 63 steps at demo scale)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """The field's standard evaluation protocol (DC, DSA, DM, IDC): a ConvNet-3 (width 128, instance
+    norm, average pooling) trained from scratch on the set alone, SGD lr 0.01, momentum 0.9, weight
+    decay 5e-4, batch 256, lr x0.1 at half the epochs, DSA augmentation, scored on the full test set."""
+    epochs: int = 300                       # DSA's tables: 300; DM's: 1000
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: str = "dsa"
+    width: int = 128
+    depth: int = 3
+    labels: str = "hard"                    # 'hard': argmax of the set's labels | 'soft': the set's own n_c/T
+    evaluators: int = 5                     # evaluator seeds per set
+    max_members: int = 0                    # evaluators trained side by side; 0: 32 on CUDA, 1 on a CPU
     seed: int = 0
 
 
@@ -97,10 +116,15 @@ class FederationConfig:
     timeout: float = 300.0                  # seconds to wait for one round of replies
     startup_grace: float = 60.0             # extra seconds for the first round (client process cold start)
     connect_timeout: float = 120.0          # seconds to wait for the expected nodes to connect
-    clip_norm: float = 0.0                  # client-side Gaussian mechanism (issue 4); 0 = off
+    deadline: float = 4 * 3600.0            # the whole collection ends by then; pending nodes are dropped
+    max_node_records: int = 200_000         # a node declaring more chunks than this many records is rejected
+    max_staged_mb: float = 2048.0           # latents staged in memory over all nodes (uncommitted)
+    clip_norm: float = 0.0                  # the device's Gaussian mechanism on latents; 0 = off
     noise_multiplier: float = 0.0
-    target_epsilon: Optional[float] = None  # solve noise_multiplier for this epsilon (per image)
+    target_epsilon: Optional[float] = None  # calibrate the mechanisms to this per-record epsilon (latent + label)
     delta: Optional[float] = None           # default 1 / (10 n)
+    label_mechanism: str = "randomized_response"   # with DP: 'randomized_response' | 'public' (docs/privacy.md)
+    label_share: float = 0.25               # share of target_epsilon spent on randomized-response labels
     client_threads: int = 1
 
 

@@ -79,7 +79,12 @@ class Dataset:
     public: "ImageSplit | StoredSplit"
     private: "ImageSplit | StoredSplit"
     test: "ImageSplit | StoredSplit"
-    raw_bytes_per_image: int = 784          # size of one image as stored (uint8), for uplink comparisons
+    native_shape: tuple[int, int] = (28, 28)   # one image as stored (uint8, H x W), before padding
+
+    @property
+    def raw_bytes_per_image(self) -> int:
+        """Size of one image as stored (uint8), for uplink comparisons."""
+        return self.native_shape[0] * self.native_shape[1]
 
     @property
     def class_names(self) -> list[str]:
@@ -143,7 +148,7 @@ def stored_splits(cfg: DataConfig) -> Dataset:
     if cfg.test_limit:
         test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.test_limit])
     return Dataset(cfg.dataset, int(train_y.max()) + 1, train.subset(public), train.subset(private_idx), test,
-                   int(np.prod(raw["train_images"].shape[1:])))
+                   tuple(int(d) for d in raw["train_images"].shape[1:]))
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

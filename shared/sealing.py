@@ -95,12 +95,15 @@ class Opener:
             raise SubmissionRejected("malformed", "envelope has no ciphertext bytes")
         if len(ct) > lim.max_bytes:
             raise SubmissionRejected("oversized", f"{len(ct)} bytes > limit {lim.max_bytes}")
-        try:
-            chunk, num_chunks = int(env["chunk"]), int(env["num_chunks"])
-            eph_pub, nonce = bytes(env["ephemeral_public"]), bytes(env["nonce"])
-            version, run_id, claimed_node, claimed_round = int(env["version"]), str(env["run_id"]), int(env["node_id"]), int(env["round"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SubmissionRejected("malformed", f"envelope field missing or mistyped: {exc}") from None
+        eph_pub, nonce = env.get("ephemeral_public"), env.get("nonce")
+        if not (isinstance(eph_pub, bytes) and len(eph_pub) == 32 and isinstance(nonce, bytes) and len(nonce) == 12):
+            raise SubmissionRejected("malformed", "ephemeral_public must be 32 bytes and nonce 12 bytes")
+        ints = {k: env.get(k) for k in ("chunk", "num_chunks", "version", "node_id", "round")}
+        bad = [k for k, v in ints.items() if not isinstance(v, int) or isinstance(v, bool)]
+        if bad or not isinstance(env.get("run_id"), str):
+            raise SubmissionRejected("malformed", f"envelope fields missing or not integers: {bad or ['run_id']}")
+        chunk, num_chunks, version = ints["chunk"], ints["num_chunks"], ints["version"]
+        run_id, claimed_node, claimed_round = env["run_id"], ints["node_id"], ints["round"]
         if version != VERSION:
             raise SubmissionRejected("version", f"envelope version {version}, server speaks {VERSION}")
         if (run_id, claimed_node, claimed_round) != (self.run_id, int(node_id), int(round_)):

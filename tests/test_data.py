@@ -36,7 +36,7 @@ def test_a_node_converts_only_its_chunk_and_gets_the_same_images(fmnist):
     import json
     from dataclasses import asdict
     from flwr.app import ConfigRecord
-    from client.app import local_partition
+    from client.app import local_records
     cfg = DataConfig(public_size=1000, train_limit=3000, test_limit=500)
     stored = stored_splits(cfg)
     rows = [5, 0, 2999, 17]
@@ -45,7 +45,7 @@ def test_a_node_converts_only_its_chunk_and_gets_the_same_images(fmnist):
     assert (chunk.images == fmnist.private.images[rows]).all() and (chunk.ids == fmnist.private.ids[rows]).all()
     record = ConfigRecord({"data_config": json.dumps(asdict(cfg)), "iid": False, "alpha": 0.5, "partition_seed": 0})
     reads = read_dataset.cache_info().misses
-    parts = [local_partition(record, pid, 3)[0] for pid in (0, 1, 2, 0)]
+    parts = [local_records(record, {"partition-id": pid, "num-partitions": 3}) for pid in (0, 1, 2, 0)]
     assert read_dataset.cache_info().misses == reads, "the stored arrays are read once per process"
     ids = np.concatenate([p.ids.numpy() for p in parts[:3]])
     assert sorted(ids.tolist()) == sorted(fmnist.private.ids.tolist()) and parts[3] is parts[0]

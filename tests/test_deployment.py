@@ -1,11 +1,17 @@
-"""Deployment on 127.0.0.1: real SuperLink + 3 SuperNodes, TLS, node authentication (issue 3 acceptance)."""
+"""Deployment on 127.0.0.1: a SuperLink bound to loopback with TLS and node authentication, the fleet-only
+gateway, and 3 SuperNodes: two read their own folders (class folders of PNGs; IDX files), one a share of
+the bundled dataset."""
 import json
 import subprocess
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from server.certs import make_certificates
+from shared.config import DataConfig
+from shared.data import stored_splits
 from tests.flower_cluster import BIN, REPO, Cluster
 
 # timeout: each request starts a fresh ClientApp process on every node (~5 s of CPU to import torch and
@@ -15,24 +21,48 @@ TINY = ("clients=3 train-limit=1200 test-limit=300 T=5 ae-steps=30 chain-steps=3
         "student='convnet3_w32' student-steps=20 student-loss='soft_ce' teacher-steps=10 ipc=2 no-full=true timeout=40 chunk-size=300")
 
 
+FOLDER_IMAGES = (150, 250)     # node 0: class folders of PNGs; node 1: IDX files
+
+
+def write_device_folders(root):
+    """Two devices' own data, as their operators would lay it out (images of the test split)."""
+    test = stored_splits(DataConfig()).test
+    png, idx = root / "device0", root / "device1"
+    for i in range(FOLDER_IMAGES[0]):
+        folder = png / ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                        "Bag", "Ankle boot"][int(test.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test.pixels[i]).save(folder / f"{i}.png")
+    idx.mkdir()
+    pixels, labels = test.pixels[1000:1000 + FOLDER_IMAGES[1]], test.labels[1000:1000 + FOLDER_IMAGES[1]].numpy()
+    (idx / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + np.array(pixels.shape, ">u4").tobytes()
+                                                  + pixels.tobytes())
+    (idx / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + np.array([len(labels)], ">u4").tobytes()
+                                                  + labels.astype(np.uint8).tobytes())
+    return png, idx
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     certs = make_certificates(root / "certs", ["localhost", "127.0.0.1"], nodes=4)
+    png, idx = write_device_folders(root)
     cl = Cluster(root, certs)
     try:
         cl.start_superlink()
+        cl.start_gateway()
         for i in range(3):
             cl.register(i)
-        for i in range(3):
-            cl.start_supernode(i, i, 3)
+        cl.start_supernode(0, f"data-dir='{png}'")
+        cl.start_supernode(1, f"data-dir='{idx}'")
+        cl.start_supernode(2, "partition-id=2 num-partitions=3")
         yield cl
     finally:
         cl.stop_all()
 
 
-def start_run(cluster, out):
-    return subprocess.Popen([str(BIN / "flwr"), "run", ".", "fed", "--run-config", f"out='{out}' {TINY}", "--stream"],
+def start_run(cluster, out, federation="fed"):
+    return subprocess.Popen([str(BIN / "flwr"), "run", ".", federation, "--run-config", f"out='{out}' {TINY}", "--stream"],
                             cwd=REPO, env=cluster.env, stdout=open(out.parent / f"{out.name}.flwr.log", "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -49,8 +79,28 @@ def wait_report(proc, out, timeout=420):
     return json.loads((out / "report.json").read_text())
 
 
+def test_the_control_api_is_closed_to_the_network(cluster, tmp_path):
+    """`flwr run` from outside the server host (through the public gateway) is refused, and starts nothing."""
+    runs = lambda: json.loads(cluster.flwr("ls", "fed", "--format", "json").stdout)["runs"]
+    before = len(runs())
+    res = cluster.flwr("run", ".", "remote", "--run-config", f"out='{tmp_path / 'intruder'}' {TINY}", timeout=120)
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert "only the Fleet API passes" in cluster.log("gateway"), cluster.log("gateway")[-2000:]
+    assert len(runs()) == before and not (tmp_path / "intruder").exists()
+
+
+def test_keys_are_private_and_certificates_verify_strictly(cluster):
+    import os
+    c = cluster.certs
+    for key in [c["server_key"], str(cluster.root / "certs" / "ca.key"), *(n["private"] for n in c["nodes"])]:
+        assert os.stat(key).st_mode & 0o777 == 0o600, key
+    res = subprocess.run(["openssl", "verify", "-x509_strict", "-CAfile", c["ca"], c["server_cert"]],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_unregistered_node_is_refused(cluster):
-    proc = cluster.start_supernode(3, 0, 3)
+    proc = cluster.start_supernode(3, "partition-id=0 num-partitions=3")
     try:
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
@@ -66,7 +116,10 @@ def test_run_end_to_end_over_tls(cluster, tmp_path):
     report = wait_report(start_run(cluster, out), out)
     fed = report["federation"]
     assert report["mode"] == "federated" and len(fed["accepted_nodes"]) == 3 and not fed["dropped_nodes"]
-    assert report["synthetic_images"] == 20 and report["real_images_available"] == 1200
+    from shared.partition import partition
+    share = partition(stored_splits(DataConfig(train_limit=1200)).private.labels.numpy(), 3, iid=False, alpha=0.5,
+                      seed=0)[2]
+    assert report["synthetic_images"] == 20 and report["real_images_available"] == sum(FOLDER_IMAGES) + len(share)
     assert fed["uplink_bytes_per_image"] < fed["raw_bytes_per_image"]
     assert (out / "ipc2" / "synthetic.safetensors").exists()
 
@@ -78,11 +131,11 @@ def test_killed_supernode_is_dropped_and_pool_stays_clean(cluster, tmp_path):
     proc = start_run(cluster, out)
     deadline = time.time() + 300
     status = out / "collect_status.json"
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         if status.exists() and json.loads(status.read_text())["requests"] >= 1:
             break
         time.sleep(0.5)
-    assert status.exists(), "collection never started"
+    assert status.exists(), "collection never started:\n" + (out.parent / "run.flwr.log").read_text(errors="replace")[-3000:]
     cluster.kill("node2")
     report = wait_report(proc, out)
     fed = report["federation"]

@@ -1,12 +1,13 @@
-"""Client-side Gaussian mechanism and its accounting (issue 4 acceptance)."""
+"""The device's mechanisms and their accounting (docs/privacy.md)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from client.privacy import clip_latents, gaussian_mechanism
-from shared.accounting import GaussianRelease, default_delta, noise_for_epsilon
+from client.privacy import clip_latents, gaussian_mechanism, randomized_response, secure_normal
+from shared.accounting import ImageRelease, calibrate, default_delta, noise_for_epsilon, rr_noise_parameter
 
 
 def test_clipping_bound_holds_for_every_latent():
@@ -18,45 +19,88 @@ def test_clipping_bound_holds_for_every_latent():
 
 
 def test_noise_scale_matches_sigma_times_clip():
-    z = torch.zeros(2000, 4, 8, 8)
-    out = gaussian_mechanism(z, clip_norm=2.0, noise_multiplier=1.5, generator=torch.Generator().manual_seed(0))
+    out = gaussian_mechanism(torch.zeros(2000, 4, 8, 8), clip_norm=2.0, noise_multiplier=1.5)
     noise = out.flatten()
     assert abs(noise.std().item() - 3.0) < 0.02 and abs(noise.mean().item()) < 0.01
     assert stats.kstest((noise[:20000] / 3.0).numpy(), "norm").pvalue > 1e-3
 
 
-def test_epsilon_matches_an_independent_recomputation():
-    """Analytic Gaussian mechanism (Balle & Wang 2018): delta(eps) for sensitivity 2C, std sigma C."""
-    sigma, delta = 2.0, 1e-5
-    eps = GaussianRelease(1.0, sigma, delta).epsilon()
-    mu = 2.0 / sigma                                     # sensitivity / std
-
-    def delta_of(e):
-        return stats.norm.cdf(mu / 2 - e / mu) - math.exp(e) * stats.norm.cdf(-mu / 2 - e / mu)
-    assert delta_of(eps) == pytest.approx(delta, rel=0.05)
-    assert GaussianRelease(1.0, sigma, delta).epsilon("rdp") >= eps, "RDP is an upper bound"
+def test_noise_is_never_repeated():
+    """Two releases of the same latents draw independent noise (no seed anyone could replay)."""
+    z = torch.randn(64, 4, 8, 8)
+    a, b = gaussian_mechanism(z, 5.0, 1.0), gaussian_mechanism(z, 5.0, 1.0)
+    corr = np.corrcoef((a - clip_latents(z, 5.0)).flatten(), (b - clip_latents(z, 5.0)).flatten())[0, 1]
+    assert abs(corr) < 0.02
+    assert abs(float(secure_normal((100_000,)).std()) - 1.0) < 0.01
 
 
-@pytest.mark.parametrize("target", [1.0, 8.0])
-def test_noise_solver_hits_target(target):
+def test_randomized_response_keeps_each_label_with_the_right_probability():
+    k, eps = 10, 2.0
+    p = rr_noise_parameter(eps, k)
+    labels = torch.arange(k).repeat(20_000)
+    out = randomized_response(labels, eps, k)
+    keep = float((out == labels).float().mean())
+    assert keep == pytest.approx(1 - p + p / k, abs=0.005)
+    # each wrong label equally likely, and the likelihood ratio of the kept label is e^eps
+    wrong = torch.bincount((out - labels) % k, minlength=k)[1:].float()
+    assert float(wrong.std() / wrong.mean()) < 0.05
+    assert math.log((1 - p + p / k) / (p / k)) == pytest.approx(eps)
+
+
+def _delta_of(eps, sigma, label_eps=None, k=10):
+    """Exact privacy profile of the pair (Gaussian latent at sensitivity 2C, std sigma C; k-ary RR label),
+    independent of dp-accounting: the privacy loss is the sum of the Gaussian's N(mu^2/2, mu^2) and the
+    RR's {+e, 0, -e}; delta(eps) = E[(1 - exp(eps - L))_+], in closed form per RR value."""
+    mu = 2.0 / sigma
+    if label_eps is None:
+        rr = [(0.0, 1.0)]
+    else:
+        p = rr_noise_parameter(label_eps, k)
+        rr = [(label_eps, 1 - p + p / k), (-label_eps, p / k), (0.0, 1 - (1 - p + p / k) - p / k)]
+    total = 0.0
+    for r, q in rr:
+        e = eps - r
+        total += q * (stats.norm.cdf(mu / 2 - e / mu) - math.exp(e) * stats.norm.cdf(-mu / 2 - e / mu))
+    return total
+
+
+@pytest.mark.parametrize("sigma,label_eps", [(2.0, None), (1.0, 2.0), (3.0, 0.5)])
+def test_epsilon_of_the_pair_matches_an_independent_recomputation(sigma, label_eps):
+    delta = 1e-5
+    release = ImageRelease(1.0, sigma, delta, "randomized_response" if label_eps else "public", label_eps)
+    eps = release.epsilon()
+    assert _delta_of(eps, sigma, label_eps) <= delta * 1.01, "PLD is a valid (upper) bound"
+    assert _delta_of(eps * 0.97, sigma, label_eps) > delta, "and a tight one"
+    assert release.epsilon("rdp") >= eps * 0.999, "RDP is the looser bound"
+
+
+def test_labels_cost_privacy():
+    public = ImageRelease(1.0, 2.0, 1e-5, "public")
+    private = ImageRelease(1.0, 2.0, 1e-5, "randomized_response", 1.0)
+    assert private.epsilon() > public.epsilon() + 0.5
+    assert "SAME LABEL" in public.neighbouring
+
+
+@pytest.mark.parametrize("target,mechanism", [(1.0, "randomized_response"), (8.0, "randomized_response"),
+                                              (8.0, "public")])
+def test_calibration_hits_the_target(target, mechanism):
     delta = default_delta(54000)
-    sigma = noise_for_epsilon(target, delta)
-    assert GaussianRelease(1.0, sigma, delta).epsilon() <= target
-    assert GaussianRelease(1.0, sigma * (1 - 2e-4), delta).epsilon() > target, "the smallest such sigma, to 1e-4"
+    release = calibrate(target, delta, label_mechanism=mechanism, clip_norm=3.0)
+    assert release.epsilon() <= target
+    looser = ImageRelease(3.0, release.noise_multiplier * (1 - 2e-4), delta, mechanism, release.label_epsilon)
+    assert looser.epsilon() > target, "the smallest such sigma, to 1e-4"
+    if mechanism == "randomized_response":
+        assert release.label_epsilon == pytest.approx(0.25 * target)
     assert delta < 1 / 54000
 
 
-@pytest.mark.parametrize("start_off_by", [0.998, 1.002])
-def test_noise_solver_brackets_from_an_inexact_start(monkeypatch, start_off_by):
-    """The analytic start only saves PLD evaluations: from a start 0.2 % off the bracket grows
-    (either way) and the answer is the same smallest sigma; three releases compose."""
-    import shared.accounting as accounting
-    delta, exact = 1e-5, accounting.analytic_noise_multiplier(2.0, 1e-5, 3)
-    monkeypatch.setattr(accounting, "analytic_noise_multiplier", lambda *a: exact * start_off_by)
-    sigma = noise_for_epsilon(2.0, delta, releases=3)
-    assert GaussianRelease(1.0, sigma, delta, 3).epsilon() <= 2.0 < GaussianRelease(1.0, sigma * (1 - 2e-4), delta, 3).epsilon()
-    assert sigma == pytest.approx(exact, rel=2e-4)
+def test_noise_solver_composes_repeated_releases():
+    sigma = noise_for_epsilon(2.0, 1e-5, releases=3)
+    assert ImageRelease(1.0, sigma, 1e-5, "public", releases=3).epsilon() <= 2.0
+    assert ImageRelease(1.0, sigma, 1e-5, "public", releases=3).epsilon() > ImageRelease(1.0, sigma, 1e-5, "public").epsilon()
 
 
 def test_no_noise_means_no_guarantee():
-    assert GaussianRelease(1.0, 0.0, 1e-5).epsilon() == math.inf
+    assert ImageRelease(1.0, 0.0, 1e-5, "public").epsilon() == math.inf
+    with pytest.raises(ValueError, match="label_epsilon"):
+        ImageRelease(1.0, 1.0, 1e-5, "randomized_response", None)

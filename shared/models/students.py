@@ -1,4 +1,4 @@
-"""Student / evaluator networks, keyed by name (issue 2 §5).
+"""Student / evaluator networks, keyed by name.
 
 `convnet3` is the dataset-distillation standard evaluator (DC/DSA/DM/IDC): 3 x [conv3x3(128),
 instance norm, ReLU, avg-pool 2], then a linear classifier, so our numbers compare with published
@@ -62,6 +62,34 @@ def shufflenet_v2(in_channels: int, num_classes: int, image_size: int = 32) -> n
     net.conv1[0] = nn.Conv2d(in_channels, 24, 3, 1, 1, bias=False)
     net.maxpool = nn.Identity()
     return net
+
+
+class EnsembleConvNet(nn.Module):
+    """`members` independent ConvNets computed side by side: grouped convolutions (one group per member),
+    instance norm (per channel, so per member) and one linear head per member. Member m is initialised and
+    trained exactly as a lone ConvNet would be; its input is channel group m of (B, members * C, S, S), and
+    its logits are row m of the (members, B, K) output. Many evaluators then cost one pass on a GPU."""
+
+    def __init__(self, members: int, in_channels: int = 1, num_classes: int = 10, width: int = 128, depth: int = 3,
+                 image_size: int = 32):
+        super().__init__()
+        self.members, self.num_classes = members, num_classes
+        layers, c = [], in_channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(members * c, members * width, 3, padding=1, groups=members),
+                       nn.GroupNorm(members * width, members * width, affine=True), nn.ReLU(), nn.AvgPool2d(2)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        feat = width * (image_size // 2 ** depth) ** 2
+        heads = [nn.Linear(feat, num_classes) for _ in range(members)]
+        self.weight = nn.Parameter(torch.stack([h.weight.detach() for h in heads]))       # (M, K, F)
+        self.bias = nn.Parameter(torch.stack([h.bias.detach() for h in heads]))           # (M, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, members * C, S, S) -> logits (members, B, K)."""
+        h = self.features(x)
+        h = h.view(h.shape[0], self.members, -1).transpose(0, 1)                           # (M, B, F)
+        return torch.baddbmm(self.bias[:, None, :], h, self.weight.transpose(1, 2))
 
 
 def build_student(name: str, in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:

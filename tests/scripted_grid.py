@@ -1,0 +1,85 @@
+"""A Flower grid whose nodes are scripted: honest ones run the real device code (client/app.py) on the
+real request, malicious ones change or replace its reply. For the server's intake tests."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import torch
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from client.app import encode_chunk
+from client.policy import PolicyRefusal
+from shared.accounting import ImageRelease
+from shared.config import DataConfig, FederationConfig
+from shared.models.first_encoder import FirstEncoder
+
+DATA = DataConfig(train_limit=300, test_limit=100)
+
+
+def tiny_encoder() -> FirstEncoder:
+    torch.manual_seed(0)
+    return FirstEncoder(1, 4, (16, 32)).eval()
+
+
+def device_context(node: int, node_config: dict) -> Context:
+    return Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def honest(content: RecordDict, node: int, node_config: dict) -> RecordDict:
+    """The real device: policy, encoding, mechanisms, sealing."""
+    try:
+        env, mechanism = encode_chunk(content, device_context(node, node_config))
+    except PolicyRefusal as refusal:
+        return RecordDict({"refusal": ConfigRecord({"code": refusal.code, "reason": refusal.reason})})
+    return RecordDict({"envelope": ConfigRecord(env), "mechanism": ConfigRecord(mechanism)})
+
+
+@dataclass
+class Node:
+    node_config: dict
+    mutate: Optional[Callable] = None        # (honest reply content, request content) -> content, or None: no reply
+    delay: float = 0.0
+    error: Optional[str] = None
+    requests: list = field(default_factory=list)
+
+
+class ScriptedGrid:
+    def __init__(self, nodes: dict[int, Node]):
+        from flwr.supercore.task_identity import TaskIdentity
+        self.nodes = nodes
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1    # as in a ServerApp process
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node_id = msg.metadata.dst_node_id
+            node = self.nodes[node_id]
+            node.requests.append(int(msg.content["config"]["chunk"]))
+            time.sleep(node.delay)
+            meta = SimpleNamespace(src_node_id=node_id)
+            if node.error:
+                replies.append(SimpleNamespace(metadata=meta, has_error=lambda: True,
+                                               error=SimpleNamespace(reason=node.error), content=None))
+                continue
+            content = honest(msg.content, node_id, node.node_config)
+            if node.mutate is not None:
+                content = node.mutate(content, msg.content)
+                if content is None:
+                    continue
+            replies.append(SimpleNamespace(metadata=meta, has_error=lambda: False, content=content))
+        return replies
+
+
+def no_dp() -> ImageRelease:
+    return ImageRelease(0.0, 0.0, 0.0, "public", None, 10)
+
+
+def fed_config(**changes) -> FederationConfig:
+    base = dict(clients=2, chunk_size=100, timeout=30.0, startup_grace=0.0, connect_timeout=1.0)
+    return FederationConfig(**{**base, **changes})
