@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED=0
 .PHONY: demo test test-all bench data browser venv clean
 
 demo: $(STAMP) data
-	$(BIN)/fedcondense demo --out $(OUT)
+	$(BIN)/fedcondense demo --recipe demo --out $(OUT)
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures stay in one worker); they
 # share the session's checkpoint cache and the cores, idle threads sleeping (tests/conftest.py).
@@ -32,7 +32,7 @@ venv: $(STAMP)
 # pyproject keeps a loose range for users elsewhere.
 # Bytecode: pip would compile all ~15,000 files (~60 s on 2 cores); instead the packages that every Flower
 # and Ray process imports are compiled whole, and the rest as the project's entry points import them
-# (~4,300 files), with writing allowed even where PYTHONDONTWRITEBYTECODE is set (docs/results.md, session 16).
+# (~4,300 files), with writing allowed even where PYTHONDONTWRITEBYTECODE is set.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --no-compile -U pip

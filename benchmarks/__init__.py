@@ -1,1 +1,1 @@
-"""Benchmarks against the field (issue 6). Run from a source checkout: `fedcondense bench` / `make bench`."""
+"""Benchmarks against the field. Run from a source checkout: `fedcondense bench` / `make bench`."""

@@ -1,4 +1,4 @@
-"""`fedcondense bench`: ours vs baselines side by side in one run (issue 6).
+"""`fedcondense bench`: ours vs baselines side by side in one run.
 
 Arms per IPC and seed, all evaluated by the same student recipe (ConvNet-3, same steps):
 ours (default T, layout, selection, plus variants), random real subset, DM (benchmarks/dm.py), full
@@ -50,7 +50,7 @@ class BenchConfig:
     full_steps: int = 400
     scaling_sizes: tuple = (1000, 5000, 20000, 0)     # 0 = all
     scaling_T: tuple = ()                             # extra T values to train chains for (costly on CPU)
-    speed_images: int = 1000                          # the time-vs-T curve condenses this many (issue 2: 1,000 at T=20)
+    speed_images: int = 1000                          # the time-vs-T curve condenses this many (1,000 at T=20)
     device: str = "auto"
 
 
@@ -99,8 +99,9 @@ def make_set(arm, ipc, seed, ctx) -> dict:
                 "peak_gpu_mb": mem.gpu_mb}
     if arm == "dm":
         with PeakRSS(dev) as mem:
-            out = distribution_matching(ds.private.images, ds.private.labels, ipc, cfg.dm_iterations, dev, seed=seed)
-        return {"images": out["images"], "labels": one_hot(out["labels"], ds.num_classes), "seconds": out["seconds"],
+            out = distribution_matching(ds.private.images, ds.private.labels, [(ipc, seed)], cfg.dm_iterations, dev)
+        made = out[(ipc, seed)]
+        return {"images": made["images"], "labels": one_hot(made["labels"], ds.num_classes), "seconds": out["seconds"],
                 "peak_mb": mem.mb, "peak_gpu_mb": mem.gpu_mb}
     if arm == "random_real":
         ref = ctx["reference_counts"][ipc]
@@ -338,7 +339,7 @@ def markdown_table(doc: dict) -> str:
 
 
 def headline(doc: dict, ipc: int) -> str:
-    """'ours vs DM' at one IPC from the same run: accuracy gap and condensation-time ratio (issue 6)."""
+    """'ours vs DM' at one IPC from the same run: accuracy gap and condensation-time ratio."""
     rows = {r["arm"]: r for r in doc["summary"] if r["ipc"] == ipc}
     if "ours" not in rows or "dm" not in rows:
         return ""

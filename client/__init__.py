@@ -1,1 +1,1 @@
-"""Edge-device side: encode private images with the first encoder; only latents leave (SPEC §0)."""
+"""Edge-device side: encode private images with the first encoder; only latents leave (docs/spec.md §0)."""

@@ -1,4 +1,4 @@
-"""Client-side encoding with the cheap first encoder E1 (SPEC §1, federated scenario)."""
+"""Client-side encoding with the cheap first encoder E1 (docs/spec.md §1, federated scenario)."""
 from __future__ import annotations
 
 import torch

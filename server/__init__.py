@@ -1,1 +1,1 @@
-"""Server side: pretraining, condensation, student training, reports, ServerApp (SPEC §1, §6)."""
+"""Server side: pretraining, condensation, student training, reports, ServerApp (docs/spec.md §1, §6)."""

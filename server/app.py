@@ -1,4 +1,4 @@
-"""Flower ServerApp: pretrain E1/D on the public split, collect sealed latents, condense, report (issue 3).
+"""Flower ServerApp: pretrain E1/D on the public split, collect sealed latents, condense, report.
 
 `app` is the component `flwr run` loads (config from `[tool.flwr.app.config]` / `--run-config`);
 `run_simulation_demo` runs the same body in Flower's simulation engine (the embedded default).
@@ -39,7 +39,7 @@ def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
     ledger = build_ledger(cfg, fed, list(arrived.images.shape[1:]), release)
     write_ledger(out, ledger)
     info = {"mode": "federated", "pretrain": ae["seconds"], "federation": fed, "privacy": ledger["summary"],
-            "checkpoints": {"autoencoder": ae["path"]}}
+            "autoencoder": ae, "checkpoints": {"autoencoder": ae["path"]}}
     fed["id_scheme"] = "rank * 10**7 + position; rank = line of pool/provenance.jsonl"
     return condense_and_evaluate(ds, cfg, e1, dec, arrived, info, out, device)
 

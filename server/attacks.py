@@ -1,4 +1,4 @@
-"""Privacy attacks an auditor can rerun (issue 4 §3): membership inference, latent inversion,
+"""Privacy attacks an auditor can rerun: membership inference, latent inversion,
 memorisation distances. Each returns plain numbers; `server/audit.py` draws and reports them."""
 from __future__ import annotations
 

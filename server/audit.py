@@ -1,4 +1,4 @@
-"""`fedcondense audit RUN_DIR`: rerunnable privacy audit of a run (issue 4 §3) -> audit.json + audit.html.
+"""`fedcondense audit RUN_DIR`: rerunnable privacy audit of a run -> audit.json + audit.html.
 
 Members are real private images whose latents conditioned the audited synthetic set (manifest);
 non-members are private images that conditioned nothing. Figures are PNG files next to the page.
@@ -68,8 +68,7 @@ class AuditContext:
         self.data_cfg = _cfg(DataConfig, cfg["data"])
         self.student_cfg = _cfg(StudentConfig, cfg["student"])
         self.chain_cfg = _cfg(ChainConfig, cfg["chain"])
-        # runs from before guidance (session 11) sampled without it, before session 12 with the label term
-        # only, and before session 18 guided every step
+        # a report without these keys was sampled without guidance
         self.condense_cfg = _cfg(CondenseConfig, {"guidance": 0.0, "guidance_terms": "label:1", "guidance_steps": 0,
                                                   **cfg["condense"]})
         self.ds = load_dataset(self.data_cfg)

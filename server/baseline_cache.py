@@ -1,4 +1,4 @@
-"""Reused evaluation baselines (issue 2 §6): the random-real and full-real students of a rerun.
+"""Reused evaluation baselines: the random-real and full-real students of a rerun.
 
 A baseline arm's accuracy is a function of its inputs alone: the images and labels it trains on, the
 test set, the student recipe and step count, the teacher's weights, and the code and kernels that train

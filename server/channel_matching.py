@@ -1,4 +1,4 @@
-"""Channel matching without learnable parameters (SPEC §5), with scipy's Hungarian solver.
+"""Channel matching without learnable parameters (docs/spec.md §5), with scipy's Hungarian solver.
 
 Student features (B, n, H, W), teacher features (B, m, H, W), m >= n. The distance between student
 channel i and teacher channel j is the mean squared difference of their maps over batch and space.

@@ -1,4 +1,6 @@
-"""`fedcondense` command line: pretrain, condense, student, demo (issue 2)."""
+"""fedcondense: federated, privacy-audited dataset condensation. Devices send sealed latents; the server
+condenses them with a chain of conditional noise estimators; every arm is scored under a named protocol.
+Guides: README.md, docs/ (method, privacy, results, this reference), deploy/README.md."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="small",
+                   help="small (the typed defaults: models a CPU trains in ~20 min) | full (shared/recipes/full.toml: "
+                        "the models trained to their plateau, minutes on a GPU; committed checkpoints) | demo (what "
+                        "`make demo` runs: the full recipe's models, condensation sized for 2 CPU cores) | a .toml file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     p.add_argument("--cpu-precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="conv nets on a CPU: auto = bf16 where the CPU has native bf16 (default), else fp32")
@@ -42,6 +48,11 @@ def _add_condense(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-steps", type=int, default=None,
                    help="guide only the chain's last N steps (default: CondenseConfig.guidance_steps; "
                         "0, or T and above: every step)")
+    p.add_argument("--formation", type=int, default=None,
+                   help="multi-image formation: each stored image holds FACTOR^2 chain images (IDC); default 1")
+    p.add_argument("--refine-iterations", type=int, default=None,
+                   help="refine the chain's latents by distribution matching for this many iterations (default 0)")
+    p.add_argument("--refine-lr", type=float, default=None, help="Adam learning rate of the refinement (default 0.01)")
     p.add_argument("--ratio", type=float, default=None, help="budget as synthetic/real ratio instead of IPC")
     p.add_argument("--max-coverage", action="store_true", help="every real latent conditions exactly one image")
 
@@ -77,21 +88,23 @@ def _add_federation(p: argparse.ArgumentParser) -> None:
 
 
 def demo_config(args):
-    from shared.config import (AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, DemoConfig,
-                               FederationConfig, StudentConfig, override)
-    cfg = DemoConfig()
-    data = override(DataConfig(), data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed)
-    ae = override(AutoencoderConfig(), steps=args.ae_steps)
-    chain = override(ChainConfig(), T=args.T, layout=args.layout, shared_steps=args.chain_steps, module_steps=args.module_steps,
+    from shared.config import DemoConfig, FederationConfig, override
+    from shared.recipe import apply_recipe
+    cfg = apply_recipe(DemoConfig(), getattr(args, "recipe", "small"))
+    data = override(cfg.data, data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed)
+    ae = override(cfg.autoencoder, steps=args.ae_steps)
+    chain = override(cfg.chain, T=args.T, layout=args.layout, shared_steps=args.chain_steps, module_steps=args.module_steps,
                      batch_size=args.chain_batch, prediction=args.prediction)
-    cond = override(CondenseConfig(), selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
+    cond = override(cfg.condense, selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
+                    formation=getattr(args, "formation", None), refine_iterations=getattr(args, "refine_iterations", None),
+                    refine_lr=getattr(args, "refine_lr", None),
                     sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
                     ratio=getattr(args, "ratio", None), guidance=getattr(args, "guidance", None),
                     guidance_terms=getattr(args, "guidance_terms", None),
                     guidance_steps=getattr(args, "guidance_steps", None), seed=args.seed)
     if getattr(args, "max_coverage", False):     # every latent exactly once: claims 4 and 7's one-to-one rule
         cond = replace(cond, max_coverage=True, ipc=None, selection=getattr(args, "selection", None) or "one-to-one")
-    student = override(StudentConfig(), model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),
+    student = override(cfg.student, model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),
                        full_epochs=getattr(args, "full_epochs", None), seed=args.seed,
                        loss=getattr(args, "student_loss", None), teacher_steps=getattr(args, "teacher_steps", None))
     ipcs = tuple(getattr(args, "ipc", None) or cfg.ipcs)
@@ -106,7 +119,12 @@ def demo_config(args):
     eval_seeds = cfg.eval_seeds if eval_seeds is None else eval_seeds
     if eval_seeds < 1:
         raise ValueError(f"--eval-seeds must be >= 1 (1: the single run), got {eval_seeds}")
-    return replace(cfg, data=data, autoencoder=ae, chain=chain, condense=cond, student=student, ipcs=ipcs,
+    evaluation = override(cfg.evaluation, evaluators=getattr(args, "evaluators", None),
+                          epochs=getattr(args, "eval_epochs", None))
+    protocol = getattr(args, "protocol", None) if getattr(args, "command", "") == "demo" else None
+    return replace(cfg, recipe=getattr(args, "recipe", "small"), evaluation=evaluation, protocol=protocol or cfg.protocol,
+                   data=data, autoencoder=ae, chain=chain, condense=cond,
+                   student=student, ipcs=ipcs,
                    baselines=baselines, eval_seeds=eval_seeds, device=args.device, federation=fed,
                    reuse_baselines=not getattr(args, "retrain_baselines", False))
 
@@ -163,13 +181,24 @@ def cmd_condense(args) -> int:
 
 def cmd_student(args) -> int:
     from server.condense import SyntheticSet
-    from server.student import fit_and_score
     from shared.data import load_dataset
     from shared.device import resolve_device
     cfg = demo_config(args)
     syn = SyntheticSet.load(Path(args.synthetic))
     ds = load_dataset(cfg.data)
-    result = fit_and_score(syn.images, syn.labels, ds.test, cfg.student, resolve_device(cfg.device), loss=args.loss)
+    device = resolve_device(cfg.device)
+    if args.protocol == "standard":
+        from server.evaluate import LabelledSet, evaluate_sets
+        from shared.config import EvaluationConfig, override
+        ecfg = override(EvaluationConfig(), epochs=args.epochs, evaluators=args.evaluators, labels=args.labels)
+        result = evaluate_sets([LabelledSet("synthetic", syn.images, syn.labels, syn.meta.get("formation", 1))],
+                               ds.test, ecfg, device)
+    else:
+        from server.formation import expand
+        from server.student import fit_and_score
+        images, labels = expand(syn.images, syn.labels, syn.meta.get("formation", 1))
+        result = fit_and_score(images, labels, ds.test, cfg.student, device, loss=args.loss)
+        result["protocol"] = "teacher-kd" if args.loss != "soft_ce" else "soft labels, no teacher"
     print(json.dumps(result, indent=2))
     return 0
 
@@ -220,7 +249,7 @@ def _benchmarks():
     return harness
 
 
-SCALES = {  # bench presets: smoke (tests), demo (a CPU in ~1 h), full (issue 6's grid)
+SCALES = {  # bench presets: smoke (tests), demo (a CPU in ~1 h), full
     "smoke": dict(ipcs=(1,), seeds=(0,), arms=("ours", "random_real", "dm", "full_real"), dm_iterations=3,
                   full_steps=10, scaling_sizes=(200, 500), speed_images=100),
     "demo": dict(ipcs=(1, 10, 50), seeds=(0,), arms=("ours", "random_real", "dm", "full_real"),
@@ -229,8 +258,43 @@ SCALES = {  # bench presets: smoke (tests), demo (a CPU in ~1 h), full (issue 6'
 }
 
 
+STANDARD_SCALES = {  # the standard-protocol bench: smoke (tests), demo (a CPU in ~1 h), full (a GPU)
+    "smoke": dict(ipcs=(2,), seeds=(0,), epochs=(2,), long_ipcs=(), evaluators=1, dm_iterations=2, dm_ipcs=(2,),
+                  refine_iterations=2, full_epochs=1, max_coverage=False),
+    "demo": dict(ipcs=(10,), seeds=(0,), epochs=(300,), long_ipcs=(), evaluators=1, dm_iterations=200,
+                 refine_iterations=100, full_epochs=1, max_coverage=False,
+                 arms=("ours_patent", "ours", "random_real", "dm")),
+    "full": dict(),
+}
+
+
+def cmd_bench_standard(args, harness) -> int:
+    from benchmarks.standard import StandardBenchConfig, run_standard_bench
+    from benchmarks.standard_report import markdown
+    base = demo_config(args)
+    preset = dict(STANDARD_SCALES[args.scale])
+    for key, value in (("ipcs", args.ipc), ("seeds", args.seeds), ("arms", args.arms)):
+        if value:
+            preset[key] = tuple(value)
+    for key in ("dm_iterations", "evaluators", "budget_s", "refine_iterations"):
+        if getattr(args, key, None) is not None:
+            preset[key] = getattr(args, key)
+    if args.epochs:
+        preset["epochs"] = tuple(args.epochs)
+    if args.full_epochs is not None:
+        preset["full_epochs"] = int(args.full_epochs)
+    cfg = StandardBenchConfig(data=base.data, autoencoder=base.autoencoder, chain=base.chain, condense=base.condense,
+                              student=base.student, recipe=args.recipe, device=base.device, **preset)
+    path = run_standard_bench(cfg, Path(args.out))
+    print(markdown(json.loads(path.read_text())))
+    print(f"results: {path} (+ .md, .png)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     harness = _benchmarks()
+    if args.protocol == "standard":
+        return cmd_bench_standard(args, harness)
     base = demo_config(args)
     preset = dict(SCALES[args.scale])
     if args.ipc:
@@ -270,10 +334,49 @@ def cmd_bench_table(args) -> int:
     return 0
 
 
+def cmd_results_table(args) -> int:
+    """The README's results table from benchmarks/results/*.json."""
+    _benchmarks()
+    from benchmarks.results_table import render, update_readme
+    paths = [Path(p) for p in args.results] or sorted(Path(args.folder).glob("*.json"))
+    table = render(paths)
+    if args.readme:
+        update_readme(Path(args.readme), table)
+    print(table)
+    return 0
+
+
+def cli_reference() -> str:
+    """docs/cli.md: every command's help, from the parser itself."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    os.environ["COLUMNS"] = "110"
+    parts = ["# Command-line reference", "",
+             "Generated from the parser by `fedcondense cli-reference > docs/cli.md`; a test checks that it matches.", "",
+             "```", parser.format_help().rstrip(), "```"]
+    for name, p in sub.choices.items():
+        parts += ["", f"## `fedcondense {name}`", "", "```", p.format_help().rstrip(), "```"]
+    return "\n".join(parts) + "\n"
+
+
+def cmd_cli_reference(args) -> int:
+    print(cli_reference(), end="")
+    return 0
+
+
 def cmd_certs(args) -> int:
     from server.certs import make_certificates
     paths = make_certificates(Path(args.out), args.host, args.nodes, args.days)
     print(json.dumps(paths, indent=2))
+    return 0
+
+
+def cmd_checkpoints(args) -> int:
+    from server.committed import export
+    cfg = demo_config(args)
+    out = export(Path(args.cache), args.name, args.recipe, cfg.data, cfg.autoencoder, cfg.chain, cfg.student.teacher_steps,
+                 args.rebuild, args.trained_on)
+    print(f"committed checkpoints: {out} (manifest.json)")
     return 0
 
 
@@ -285,6 +388,7 @@ def cmd_gateway(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcondense", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-v) or everything (-vv)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="whole pipeline at demo scale; writes OUT/report.json")
     p.add_argument("--out", default="runs/demo")
@@ -296,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seeds", type=int, default=None,
                    help="condense and train each IPC arm with this many seeds and report the paired lead over "
                         "random real images (default 1; each adds ~1.5 min at demo scale on 2 cores)")
+    p.add_argument("--protocol", choices=["standard", "teacher-kd"], default=None,
+                   help="how every arm is scored: standard (ConvNet-3 from scratch on the set alone, the field's "
+                        "protocol) or teacher-kd (students distil from the server's teacher); default: the recipe's")
+    p.add_argument("--evaluators", type=int, default=None, help="standard protocol: evaluators per set")
+    p.add_argument("--eval-epochs", type=int, default=None, help="standard protocol: evaluator epochs (default 300)")
     for add in (_add_common, _add_condense, _add_student, _add_teacher, _add_federation):
         add(p)
     p.set_defaults(fn=cmd_demo)
@@ -311,7 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_condense)
     p = sub.add_parser("student", help="train a student on a synthetic set, report test accuracy")
     p.add_argument("--synthetic", required=True, help="directory written by `condense`")
-    p.add_argument("--loss", default="soft_ce")
+    p.add_argument("--protocol", choices=["standard", "teacher-kd"], default="standard",
+                   help="standard: ConvNet-3 evaluators from scratch on the set alone (DC/DSA/DM/IDC protocol); "
+                        "teacher-kd: the demo's student recipe with --loss")
+    p.add_argument("--epochs", type=int, default=None, help="standard: evaluator epochs (default 300)")
+    p.add_argument("--evaluators", type=int, default=None, help="standard: evaluator seeds (default 5)")
+    p.add_argument("--labels", choices=["hard", "soft"], default=None, help="standard: argmax or the set's own labels")
+    p.add_argument("--loss", default="soft_ce", help="teacher-kd: the student's loss spec")
     _add_common(p)
     _add_student(p)
     p.set_defaults(fn=cmd_student)
@@ -343,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-steps", type=int, default=None, help="student steps of the full-data arm (default: the scale's)")
     p.add_argument("--scaling-T", type=int, nargs="+", default=None,
                    help="extra chain lengths T to train for the time-vs-T curve (one chain each)")
+    p.add_argument("--protocol", choices=["teacher-kd", "standard"], default="teacher-kd",
+                   help="standard: ConvNet-3 from scratch on each set alone, the field's protocol "
+                        "(benchmarks/standard.py); teacher-kd: every arm distils from the server's teacher")
+    p.add_argument("--epochs", type=int, nargs="+", default=None, help="standard protocol: evaluator epochs")
+    p.add_argument("--evaluators", type=int, default=None, help="standard protocol: evaluators per set")
+    p.add_argument("--refine-iterations", type=int, default=None, help="standard protocol: refined arms' iterations")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="standard protocol: stop starting work after this many seconds (what is cut is listed)")
     _add_common(p)
     _add_student(p)
     _add_teacher(p)
@@ -352,12 +475,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged-out", default=None, help="where to write the merged JSON (its PNG goes beside it)")
     p.add_argument("--readme", default=None, help="rewrite the table between the bench markers of this file")
     p.set_defaults(fn=cmd_bench_table)
+    p = sub.add_parser("cli-reference", help="print docs/cli.md (every command's help, from this parser)")
+    p.set_defaults(fn=cmd_cli_reference)
+    p = sub.add_parser("results-table", help="the README's results table, generated from the result JSON files")
+    p.add_argument("results", nargs="*", help="result JSON files (default: every *.json in --folder)")
+    p.add_argument("--folder", default="benchmarks/results")
+    p.add_argument("--readme", default=None, help="rewrite the table between the results markers of this file")
+    p.set_defaults(fn=cmd_results_table)
     p = sub.add_parser("certs", help="CA, SuperLink certificate (with SANs) and SuperNode key pairs")
     p.add_argument("--out", default="deploy/certs")
     p.add_argument("--host", nargs="+", default=["localhost", "127.0.0.1"], help="SANs: DNS names and IPs of the SuperLink")
     p.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to make")
     p.add_argument("--days", type=int, default=365)
     p.set_defaults(fn=cmd_certs)
+    p = sub.add_parser("checkpoints", help="copy a recipe's trained models from a cache folder into "
+                                           "shared/checkpoints/NAME with a manifest (hashes, how to rebuild)")
+    p.add_argument("--cache", required=True, help="a FEDCONDENSE_CACHE folder holding the recipe's entries")
+    p.add_argument("--name", default="full")
+    p.add_argument("--trained-on", default="", help="the machine and software that trained them")
+    p.add_argument("--rebuild", default="benchmarks/gpu_standard.sh OUT DATA_DIR, then fedcondense checkpoints "
+                                        "--cache <its FEDCONDENSE_CACHE> --recipe full --name full")
+    _add_common(p)
+    _add_teacher(p)
+    p.set_defaults(fn=cmd_checkpoints)
     p = sub.add_parser("gateway", help="the deployment's public port: forwards the Fleet API alone to a SuperLink "
                                        "bound to 127.0.0.1 (deploy/README.md)")
     p.add_argument("--listen", default="0.0.0.0:9092", help="HOST:PORT the SuperNodes connect to")
@@ -371,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     from shared.device import CPU_PRECISION_ENV, keep_freed_memory
     keep_freed_memory()
     if getattr(args, "cpu_precision", None):

@@ -1,24 +1,24 @@
-"""Condensation: T real latents -> one synthetic image through the estimator chain (SPEC §1 claims 1-7).
+"""Condensation: T real latents -> one synthetic image through the estimator chain (docs/spec.md §1 claims 1-7).
 
 Per synthetic image: E1 encodes a noise image -> z_T; estimator k (k = 1..T, highest noise first)
 denoises z, conditioned on E2 of the k-th selected real latent; D decodes the last latent. The label
 is y_c = n_c / T. Only the reverse chain runs: no unrolled optimisation, no second-order gradients;
-with `guidance` 0 (`--guidance 0`), no gradients at all, as SPEC §1 describes the patent's chain.
+with `guidance` 0 (`--guidance 0`), no gradients at all, as docs/spec.md §1 describes the patent's chain.
 
-**Reading (SPEC §1, claim 2 / 'the noise image may be random or a preset image with noise added'):**
+**Reading (docs/spec.md §1, claim 2 / 'the noise image may be random or a preset image with noise added'):**
 E1's output for a noise image is not distributed like the chain's training inputs, so z_T is the
 forward-noised E1 latent of the noise image: z_T = sqrt(a_bar_T) E1(x_noise) + sqrt(1 - a_bar_T) eps.
 `noise_init='random'`: x_noise is Gaussian pixel noise; `'preset'`: x_noise is D(mean of the image's
 conditioning latents), i.e. a preset image with noise added. Under the default cosine schedule
 a_bar_T is tiny, so the start is almost pure noise either way.
 
-**Extension beyond SPEC §1 (guidance, sessions 11-12; the default):** `cfg.guidance` > 0 adds
+**Extension beyond docs/spec.md §1 (guidance; the default):** `cfg.guidance` > 0 adds
 guidance from the server's teacher (E1 -> E2 -> head, trained on the same pooled latents). After each
 estimator's step, the step's z_0 estimate moves `guidance` (RMS, latent units) along the direction of
 `cfg.guidance_terms` (server/guidance.py): up the teacher's log-probability of the image's soft label y,
 and towards the teacher's mean tokens of the image's own T conditioning latents. z_{t-1} moves with it
 by z_0's coefficient in the sampler's update; `cfg.guidance_steps` N > 0 guides only the last N steps
-(session 18; a chain of N steps or fewer is guided throughout; defaults in shared/config.py). This
+(a chain of N steps or fewer is guided throughout; defaults in shared/config.py). This
 departs from the patent's gradient-free chain: each step also takes first-order gradients through the
 small teacher (no unrolling). Claims 1-7 are otherwise unchanged: every step is still conditioned on its
 own real latent, and the label is still n_c / T. The teacher is trained on the pooled latents, so
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -62,9 +62,10 @@ class SyntheticSet:
         save_file({"images": self.images.contiguous(), "labels": self.labels.contiguous(),
                    "latents": self.latents.contiguous(), "conditioning": self.conditioning.contiguous()},
                   str(out / "synthetic.safetensors"))
+        cond = self.conditioning.view(len(self), -1)          # a formed image lists its tiles' latents in turn
         manifest = {**self.meta, "images": [
             {"index": j, "label": [round(float(p), 6) for p in self.labels[j]],
-             "conditioning_ids": self.conditioning[j].tolist()} for j in range(len(self))]}
+             "conditioning_ids": cond[j].tolist()} for j in range(len(self))]}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
         save_grid(self.images, self.labels.argmax(1), out / "grid.png", class_names)
 
@@ -133,7 +134,56 @@ def _z0_coefficient(sched, t: int, sampler: str) -> float:
 
 def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num_classes: int,
              models: dict, chain_cfg: ChainConfig, cfg: CondenseConfig, device: torch.device) -> SyntheticSet:
-    """Plan, select, run the chain batch by batch, label. Deterministic for `cfg.seed`."""
+    """Plan, select, run the chain batch by batch, label; then, where `cfg` asks, refine the chain's
+    latents (server/refine.py) and form factor^2 chain images into each stored image (server/formation.py).
+    Deterministic for `cfg.seed`."""
+    start = time.time()
+    if cfg.formation < 1 or (cfg.formation > 1 and cfg.ipc is None):
+        raise ValueError(f"formation must be >= 1, and needs --ipc (not --ratio or --max-coverage); got {cfg.formation}")
+    syn = run_chains(latents, labels, ids, num_classes, models, chain_cfg,
+                     replace(cfg, ipc=cfg.ipc * cfg.formation ** 2) if cfg.ipc else cfg, device)
+    if cfg.refine_iterations:
+        syn = refined(syn, latents, labels, num_classes, models["decoder"], cfg, device)
+    syn = formed(syn, cfg.formation)
+    syn.meta.update(config=to_jsonable(cfg), seconds=time.time() - start)
+    return syn
+
+
+def refined(syn: SyntheticSet | list[SyntheticSet], latents, labels, num_classes: int, decoder, cfg: CondenseConfig,
+            device, time_limit: float = float("inf")):
+    """Chain sets (one, or several refined in one loop) with their latents refined (server/refine.py)."""
+    from server.refine import refine_latents
+    many = isinstance(syn, list)
+    sets = syn if many else [syn]
+    out = refine_latents([s.latents for s in sets], [s.labels.argmax(1) for s in sets], decoder, latents, labels,
+                         num_classes, cfg.refine_iterations, cfg.refine_lr, device, cfg.formation,
+                         cfg.refine_real_per_class, cfg.refine_real_batch, seed=cfg.seed, time_limit=time_limit)
+    done = []
+    for s, z, losses in zip(sets, out["latents"], out["losses"]):
+        with torch.no_grad():
+            images = torch.cat([decoder(z[i:i + cfg.batch_size].to(device)).clamp(-1, 1).float().cpu()
+                                for i in range(0, len(z), cfg.batch_size)])
+        meta = {**s.meta, "refine": {"iterations": out["iterations"], "lr": cfg.refine_lr, "sets_in_one_loop":
+                                     len(sets), "seconds": out["seconds"], "losses": losses}}
+        done.append(SyntheticSet(images, s.labels, z, s.conditioning, meta))
+    return done if many else done[0]
+
+
+def formed(syn: SyntheticSet, factor: int) -> SyntheticSet:
+    """Tile groups of factor^2 same-class chain images into stored images; their label is the tiles' mean.
+    Latents and conditioning stay per tile (factor^2 rows per stored image)."""
+    if factor == 1:
+        return syn
+    from server.formation import form
+    order = torch.argsort(syn.labels.argmax(1), stable=True)          # tiles of one stored image share a class
+    labels = syn.labels[order].view(-1, factor ** 2, syn.labels.shape[1]).mean(1)
+    return SyntheticSet(form(syn.images[order], factor), labels, syn.latents[order], syn.conditioning[order],
+                        {**syn.meta, "formation": factor, "synthetic_images": len(labels)})
+
+
+def run_chains(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num_classes: int,
+               models: dict, chain_cfg: ChainConfig, cfg: CondenseConfig, device: torch.device) -> SyntheticSet:
+    """One chain image per planned group of T real latents (claims 1-7)."""
     start = time.time()
     T = chain_cfg.T
     teacher = _guidance_teacher(models, cfg, T)

@@ -1,4 +1,4 @@
-"""Diffusion-denoised decoupled KD, "DDKD" (SPEC §3).
+"""Diffusion-denoised decoupled KD, "DDKD" (docs/spec.md §3).
 
 The student's feature is treated as a noisy teacher feature. A linear autoencoder (1x1 conv encoder
 that cuts channels, conv decoder) compresses teacher features, L_ae = ||D(E(F_t)) - F_t||^2, and

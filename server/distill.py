@@ -1,5 +1,5 @@
 """`fedcondense distill`: students on one synthetic set, per loss and seed, with the server's teacher
-(issue 5 §4). Writes JSON and a markdown table generated from it (mean +- std over seeds)."""
+. Writes JSON and a markdown table generated from it (mean +- std over seeds)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Teacher guidance for the chain: the terms, and the direction they give (an extension beyond SPEC §1;
+"""Teacher guidance for the chain: the terms, and the direction they give (an extension beyond docs/spec.md §1;
 see server/condense.py for how the chain applies it).
 
 Each term is an objective of a step's z_0 estimate, read through the server's teacher (E2 tokens, then
@@ -6,10 +6,10 @@ its head). The direction is the weighted sum of the terms' gradients with respec
 unit RMS per image, so a term's weight is its share of the step whatever its units.
 `CondenseConfig.guidance_terms` names them, like a loss spec: "label:1,representative:1". The teacher
 runs in bf16 where the CPU has it (as in its training; shared/device.py), and always on CUDA: the
-direction is normalised anyway, and fp32 would put 1,000 images at T=20 past 60 s on 2 cores (session 12).
+direction is normalised anyway, and fp32 would put 1,000 images at T=20 past 60 s on 2 cores.
 
-- `label` (session 11): the teacher's log-probability of the image's soft label y = n_c / T.
-- `representative` (session 12): minus the squared distance from the image's teacher tokens to the mean
+- `label`: the teacher's log-probability of the image's soft label y = n_c / T.
+- `representative`: minus the squared distance from the image's teacher tokens to the mean
   tokens of its own T conditioning latents, so the sample stands for its T real images as a group; the
   target is that group's mean, never one image.
 """

@@ -1,4 +1,4 @@
-"""Student losses, one registry keyed by name (SPEC §1 claim 5, §2-§5; issue 5).
+"""Student losses, one registry keyed by name (docs/spec.md §1 claim 5, §2-§5).
 
 Each entry is a factory `(num_classes, **options) -> nn.Module`; the module's `forward(LossInputs)`
 returns a scalar, and its parameters (MI's prior m, d; DDKD's autoencoder and diffusion model) are
@@ -44,7 +44,7 @@ def kl_div(teacher_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torc
 
 @LOSSES.register("soft_ce")
 class SoftCrossEntropy(nn.Module):
-    """The patent's own: cross-entropy against the n_c / T label distribution (SPEC §1 claims 5-6)."""
+    """The patent's own: cross-entropy against the n_c / T label distribution (docs/spec.md §1 claims 5-6)."""
 
     def __init__(self, num_classes: int, **_):
         super().__init__()
@@ -97,7 +97,7 @@ class DKD(nn.Module):
 
 @LOSSES.register("mi_prior")
 class MutualInformationPrior(nn.Module):
-    """Negative mutual information with a learnable student prior (SPEC §2).
+    """Negative mutual information with a learnable student prior (docs/spec.md §2).
 
     The teacher sees a weak augmentation of the student's image (`teacher_view = 0.5`), as §2 asks.
     P1 = sum_n s_n t_n^T, P = sym(P1) / sum; p_s = softmax(sum_g (m_g + d_g * a_g)), a_g ~ N(0, 1) fixed
@@ -131,8 +131,8 @@ def _channel_vector(feat: torch.Tensor, length: int | None = None) -> torch.Tens
     """Channel attention: spatial mean of each channel's rectified activation, L2-normalised; resampled
     to `length` channels.
 
-    **Readings (SPEC §4):** (1) the mean is taken after the activation (ReLU), i.e. of what the next
-    layer sees. Our distillation points sit after a normalisation and before the ReLU (SPEC §5), where
+    **Readings (docs/spec.md §4):** (1) the mean is taken after the activation (ReLU), i.e. of what the next
+    layer sees. Our distillation points sit after a normalisation and before the ReLU (docs/spec.md §5), where
     the plain spatial mean of a channel *is* the norm's bias: zero at initialisation, so the L2
     normalisation's gradient (~1 / ||v||) blew the student up (measured, docs/results.md). For features
     already past a ReLU this is the plain mean. (2) Teacher and student may differ in channel count;
@@ -146,7 +146,7 @@ def _channel_vector(feat: torch.Tensor, length: int | None = None) -> torch.Tens
 
 @LOSSES.register("attention")
 class AttentionTransfer(nn.Module):
-    """Channel-attention transfer (SPEC §4): MSE between normalised channel-attention vectors."""
+    """Channel-attention transfer (docs/spec.md §4): MSE between normalised channel-attention vectors."""
 
     def __init__(self, num_classes: int, **_):
         super().__init__()
@@ -159,7 +159,7 @@ class AttentionTransfer(nn.Module):
 
 @LOSSES.register("mixed")
 class MixedKD(nn.Module):
-    """SPEC §4's suggested mix: 0.5 KL (deep: logits) + 0.3 feature MSE (shallow) + 0.2 attention MSE.
+    """docs/spec.md §4's suggested mix: 0.5 KL (deep: logits) + 0.3 feature MSE (shallow) + 0.2 attention MSE.
 
     **Reading:** the feature MSE compares spatial attention maps (channel mean of squared activations,
     L2-normalised over positions, as in attention transfer; the teacher's resized to the student's
@@ -193,7 +193,7 @@ def build_losses(spec: str, num_classes: int, **context) -> list[tuple[nn.Module
 
 def teacher_view_strength(spec: str, override: float | None = None) -> float:
     """The teacher's augmentation strength relative to the student's: `override` when set, else the
-    weakest view any term of `spec` asks for (a class attribute `teacher_view`; SPEC §2's MI loss: 0.5),
+    weakest view any term of `spec` asks for (a class attribute `teacher_view`; docs/spec.md §2's MI loss: 0.5),
     else 1.0 - plain logit KD labels exactly the view the student trains on."""
     if override is not None:
         if not 0 <= override <= 1:

@@ -1,4 +1,4 @@
-"""The single-machine pipeline behind `fedcondense demo` (issue 2 §7).
+"""The single-machine pipeline behind `fedcondense demo`.
 
 data -> autoencoder (public split) -> E1 latents of the private split (client side) -> E2 + chain
 -> condensation per IPC -> students: synthetic, random real of equal size, full real -> report.
@@ -18,6 +18,8 @@ from server.baseline_cache import baseline_score
 from server.condense import SyntheticSet, condense
 from server.losses import needs_teacher, teacher_view_strength
 from server.pretrain import load_or_train_autoencoder, load_or_train_chain
+from server.evaluate import LabelledSet, evaluate_sets
+from server.formation import expand
 from server.student import evaluate, fit_and_score, one_hot
 from server.teacher import load_or_train_teacher
 from shared.cache import to_jsonable
@@ -37,10 +39,23 @@ def random_real_like(private: ImageSplit, synthetic: SyntheticSet, seed: int) ->
     return private.subset(torch.cat(picks))
 
 
-def chain_models(e1, dec, pool: ImageSplit, cfg: DemoConfig, device: torch.device) -> tuple[dict, dict]:
+def chain_models(e1, dec, pool: ImageSplit, cfg: DemoConfig, device: torch.device,
+                 committed: dict | None = None) -> tuple[dict, dict]:
     """The server's models for condensing `pool`: E1 / D, and E2 + chain trained (or loaded) on its latents."""
-    e2, est, chain = load_or_train_chain(pool.images, cfg.chain, device)
+    e2, est, chain = load_or_train_chain(pool.images, cfg.chain, device, committed)
     return {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}, chain
+
+
+def committed_match(e1, pool: ImageSplit, ds: Dataset, noised: bool) -> dict | None:
+    """What a committed chain or teacher must match (server/committed.py), when `pool` is the whole private
+    split released without noise; None otherwise (the run trains its own)."""
+    k = ds.num_classes
+    whole = len(pool) == len(ds.private) and torch.equal(torch.bincount(pool.labels, minlength=k),
+                                                         torch.bincount(ds.private.labels, minlength=k))
+    if noised or not whole:
+        return None
+    from server.baseline_cache import state_fingerprint
+    return {"e1_fingerprint": state_fingerprint(e1)}
 
 
 def build_models(ds: Dataset, cfg: DemoConfig, device: torch.device) -> tuple[dict, ImageSplit, dict]:
@@ -49,7 +64,7 @@ def build_models(ds: Dataset, cfg: DemoConfig, device: torch.device) -> tuple[di
     e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, device)
     latents, encode_s = encode_local(ds, e1, device)
     pool = ImageSplit(latents, ds.private.labels, ds.private.ids)
-    models, chain = chain_models(e1, dec, pool, cfg, device)
+    models, chain = chain_models(e1, dec, pool, cfg, device, committed_match(e1, pool, ds, noised=False))
     info = {"pretrain": ae["seconds"] + chain["seconds"], "encode": encode_s,
             "checkpoints": {"autoencoder": ae["path"], "chain": chain["path"]}}
     return models, pool, info
@@ -80,7 +95,10 @@ def _score_arms(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: Studen
                 tag: str) -> dict:
     """The synthetic arm, and the random real arm of the same per-class counts (drawn with the student's
     seed) when `cfg.baselines` asks for it; both with `student`'s recipe."""
-    arms = {"synthetic": fit_and_score(syn.images, syn.labels, ds.test, student, device, loss=student.loss,
+    if cfg.protocol == "standard":
+        return _score_standard(ds, syn, cfg, student, device)
+    images, labels = expand(syn.images, syn.labels, syn.meta.get("formation", 1))
+    arms = {"synthetic": fit_and_score(images, labels, ds.test, student, device, loss=student.loss,
                                        desc=f"student {tag}", teacher=teacher)}
     if "random_real" in cfg.baselines:
         real = random_real_like(ds.private, syn, student.seed)
@@ -88,6 +106,20 @@ def _score_arms(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: Studen
                                              student, device, loss=student.loss, desc=f"random real {tag}",
                                              teacher=teacher, reuse=cfg.reuse_baselines)
     return arms
+
+
+def _score_standard(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: StudentConfig, device) -> dict:
+    """The field's standard protocol (server/evaluate.py): ConvNet-3 evaluators from scratch on each set alone;
+    the random real arm has the synthetic set's per-class counts, drawn with the student seed."""
+    sets = [LabelledSet("synthetic", syn.images, syn.labels, syn.meta.get("formation", 1))]
+    if "random_real" in cfg.baselines:
+        real = random_real_like(ds.private, syn, student.seed)
+        sets.append(LabelledSet("random_real", real.images, one_hot(real.labels, ds.num_classes)))
+    result = evaluate_sets(sets, ds.test, replace(cfg.evaluation, seed=cfg.evaluation.seed + student.seed), device)
+    share = result["seconds"] / len(sets)
+    return {name: {"accuracy": r["mean"], "std": r["std"], "evaluators": r["accuracy"], "seconds": share,
+                   "images": r["stored_images"], "epochs": cfg.evaluation.epochs, "protocol": "standard"}
+            for name, r in result["sets"].items()}
 
 
 def _over_seeds(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, ccfg, first: dict, device,
@@ -131,13 +163,13 @@ def run_full_real(ds: Dataset, cfg: DemoConfig, device: torch.device, teacher=No
 
 
 def server_teacher(models: dict, pool: ImageSplit, ds: Dataset, student: StudentConfig, device: torch.device,
-                   guidance: float = 0.0):
-    """The teacher for knowledge distillation (SPEC §2) and sampling guidance, trained on the pooled latents
-    the server holds, with its test accuracy; (None, None) when neither the student loss nor guidance uses one."""
-    if not (needs_teacher(student.loss) or guidance):
+                   guidance: float = 0.0, committed: dict | None = None, protocol: str = "teacher-kd"):
+    """The teacher for knowledge distillation (docs/spec.md §2) and sampling guidance, trained on the pooled
+    latents the server holds, with its test accuracy; (None, None) when neither the students nor guidance use it."""
+    if not ((protocol == "teacher-kd" and needs_teacher(student.loss)) or guidance):
         return None, None
     teacher, info = load_or_train_teacher(models, pool.images, pool.labels, ds.num_classes, device,
-                                          student.teacher_steps)
+                                          student.teacher_steps, committed)
     return teacher, {**info, "accuracy": evaluate(teacher, ds.test.images, ds.test.labels, device)}
 
 
@@ -162,15 +194,23 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
     The random-real and full-real arms are evaluation baselines computed by the harness, which can
     see the real data; the server itself only ever holds `pool` (latents).
     """
-    models, chain = chain_models(e1, dec, pool, cfg, device)
+    committed = committed_match(e1, pool, ds, noised=bool((info.get("privacy") or {}).get("mechanism", "none") != "none"))
+    models, chain = chain_models(e1, dec, pool, cfg, device, committed)
     info = {**info, "pretrain": info["pretrain"] + chain["seconds"],
             "checkpoints": {**info["checkpoints"], "chain": chain["path"]}}
-    teacher, info["teacher"] = server_teacher(models, pool, ds, cfg.student, device, cfg.condense.guidance)
+    info["committed_checkpoints"] = {k: v["committed"] for k, v in (("autoencoder", info.get("autoencoder", {})),
+                                                                    ("chain", chain)) if v.get("committed")}
+    teacher, info["teacher"] = server_teacher(models, pool, ds, cfg.student, device, cfg.condense.guidance,
+                                              committed, cfg.protocol)
+    if (info["teacher"] or {}).get("committed"):
+        info["committed_checkpoints"]["teacher"] = info["teacher"]["committed"]
     models["teacher"] = teacher
     if teacher is not None:                       # the audit's shadow runs sample under the same guidance
         info["checkpoints"]["teacher"] = info["teacher"]["path"]
     per_ipc = [run_ipc(ds, models, pool, cfg, ipc, out, device, teacher) for ipc in cfg.ipcs]
     full = run_full_real(ds, cfg, device, teacher) if "full_real" in cfg.baselines else None
+    if full is not None and cfg.protocol == "standard":
+        full["protocol"] = "teacher-kd student recipe (the standard protocol's 300 epochs on every image is a GPU job)"
     report = make_report(ds, cfg, info, per_ipc, full, device, len(pool))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -179,7 +219,7 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
 def prepare_server(cfg: DemoConfig, out: Path):
     """What every run starts with: the allocator setting, output dir, device, seeds, data, and E1/D from the
     public split. The setting is applied here so that every way of starting a run gets it, a script calling
-    `run_demo` or `run_simulation_demo` as well as the CLI (docs/results.md, session 23)."""
+    `run_demo` or `run_simulation_demo` as well as the CLI."""
     keep_freed_memory()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +234,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict:
     """Single-machine pipeline (no federation): the server encodes the private split itself."""
     out, device, ds, e1, dec, ae = prepare_server(cfg, out)
     latents, encode_s = encode_local(ds, e1, device)
-    info = {"mode": "single-machine", "pretrain": ae["seconds"], "encode": encode_s,
+    info = {"mode": "single-machine", "pretrain": ae["seconds"], "encode": encode_s, "autoencoder": ae,
             "checkpoints": {"autoencoder": ae["path"]}}
     pool = ImageSplit(latents, ds.private.labels, ds.private.ids)
     return condense_and_evaluate(ds, cfg, e1, dec, pool, info, out, device)
@@ -205,7 +245,9 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
     main = per_ipc[0]
     acc = lambda r, k: r[k]["accuracy"] if k in r else None
     return {
-        "mode": info["mode"], "dataset": ds.name, "T": cfg.chain.T, "layout": cfg.chain.layout, "selection": cfg.condense.selection,
+        "mode": info["mode"], "recipe": cfg.recipe, "protocol": cfg.protocol,
+        "evaluation": to_jsonable(cfg.evaluation) if cfg.protocol == "standard" else None,
+        "committed_checkpoints": info.get("committed_checkpoints", {}), "dataset": ds.name, "T": cfg.chain.T, "layout": cfg.chain.layout, "selection": cfg.condense.selection,
         "class_plan": cfg.condense.class_plan, "ipc": main["ipc"],
         "synthetic_images": main["synthetic_images"], "real_images_used": main["real_images_used"],
         "real_images_available": real_available, "public_images": len(ds.public), "test_images": len(ds.test),
@@ -244,8 +286,18 @@ def format_over_seeds(o: dict) -> str:
     return text
 
 
+def protocol_line(report: dict) -> str:
+    """How the arms were scored, in words."""
+    if report.get("protocol") == "standard":
+        e = report["evaluation"]
+        return (f"protocol: standard (ConvNet-3 from scratch on each set alone, {e['epochs']} epochs, {e['labels']} "
+                f"labels, DSA, full test set; {e['evaluators']} evaluator(s) per set); recipe {report.get('recipe')}")
+    return (f"protocol: teacher-kd (every arm's student distils from the server's teacher: {report['student_loss']}); "
+            f"recipe {report.get('recipe')}")
+
+
 def format_table(report: dict) -> str:
-    lines = [f"{'IPC':>4} {'images':>7} {'synthetic':>10} {'random real':>12} {'lead':>8}  condense",
+    lines = [protocol_line(report), f"{'IPC':>4} {'images':>7} {'synthetic':>10} {'random real':>12} {'lead':>8}  condense",
              "-" * 57]
     for r in report["per_ipc"]:
         syn, rr = r["synthetic"]["accuracy"], r.get("random_real", {}).get("accuracy")
@@ -261,8 +313,10 @@ def format_table(report: dict) -> str:
                      f"--retrain-baselines retrains): {', '.join(report['baselines_reused'])}")
     if report.get("teacher"):
         t = report["teacher"]
-        lines.append(f"students: {report['student_loss']}; teacher (E1 -> E2 -> head, {t['steps']} steps on the pool): "
-                     f"{t['accuracy']:.4f}")
+        lines.append(f"teacher (E1 -> E2 -> head, {t['steps']} steps on the pool): {t['accuracy']:.4f}")
+    if report.get("committed_checkpoints"):
+        lines.append("models: the committed checkpoints of recipe 'full' (" + ", ".join(report["committed_checkpoints"])
+                     + "; shared/checkpoints/full/manifest.json)")
     s = report["seconds"]
     moved = f"encode {s['encode']:.1f}" if s.get("encode") is not None else f"collect {s['collect']:.1f}"
     extra = f", over seeds {s['over_seeds']:.0f}" if s.get("over_seeds") else ""

@@ -1,4 +1,4 @@
-"""On-disk pool of accepted latents with per-client provenance (issue 3 §2).
+"""On-disk pool of accepted latents with per-client provenance.
 
 A node's chunks are staged in memory and committed only when all of them are in: one safetensors
 file per node written to a temporary name and renamed (atomic on POSIX), then one JSON line in

@@ -1,6 +1,6 @@
 """Pretraining: autoencoder (E1 + D) on the public split, then E2 + noise estimators on latents.
 
-SPEC §1 figures 3-4: z_t = sqrt(a_bar_t) z_0 + sqrt(1 - a_bar_t) eps; estimator t gets (z_t, E2(z_0))
+docs/spec.md §1 figures 3-4: z_t = sqrt(a_bar_t) z_0 + sqrt(1 - a_bar_t) eps; estimator t gets (z_t, E2(z_0))
 of the SAME image and predicts eps. Checkpoints are cached by a hash of config + training data.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from server.committed import install
 from shared.cache import building, cache_dir, to_jsonable
 from shared.config import AutoencoderConfig, ChainConfig
 from shared.device import autocast, cpu_bf16_key
@@ -47,14 +48,17 @@ def _sample_latent(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mean + torch.randn_like(mean) * (0.5 * logvar).exp()
 
 
-def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torch.device) -> tuple[FirstEncoder, Decoder]:
+def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torch.device,
+                      curves: dict | None = None) -> tuple[FirstEncoder, Decoder]:
+    """E1 + D jointly, then the decoder stage; `curves` receives each stage's loss every 25 steps."""
     torch.manual_seed(cfg.seed)
     enc = FirstEncoder(images.shape[1], cfg.latent_channels, cfg.encoder_channels).to(device)
     dec = Decoder(images.shape[1], cfg.latent_channels, cfg.decoder_channels).to(device)
     opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters()], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     bar = progress(_batches(len(images), cfg.batch_size, cfg.steps, cfg.seed), total=cfg.steps, desc="autoencoder", unit="step")
-    for idx in bar:
+    curve = (curves if curves is not None else {}).setdefault("autoencoder_loss", [])
+    for step, idx in enumerate(bar):
         x = images[idx].to(device)
         with autocast(device, cpu_bf16=True):
             mean, logvar = enc.moments(x)
@@ -67,18 +71,26 @@ def train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torc
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(mse=f"{loss.item():.4f}", refresh=False)
+        _record(bar, curve, step, loss, "mse")
     with torch.no_grad():
         latents = torch.cat([enc.moments(images[i:i + 1024].to(device))[0] for i in range(0, len(images), 1024)])
         scale = 1.0 / latents.std()
     enc.scaling_factor.fill_(scale)
     dec.scaling_factor.fill_(scale)
-    finetune_decoder(enc.eval(), dec, images, cfg, device)
+    finetune_decoder(enc.eval(), dec, images, cfg, device, (curves if curves is not None else {}).setdefault("decoder_loss", []))
     return enc, dec.eval()
 
 
+def _record(bar, curve: list, step: int, loss: torch.Tensor, name: str) -> None:
+    """Every 25th step: the loss into the progress bar and the curve (one device sync per 25 steps)."""
+    if step % 25 == 0:
+        value = float(loss.detach())
+        curve.append((step, value))
+        bar.set_postfix({name: f"{value:.4f}"}, refresh=False)
+
+
 def finetune_decoder(enc: FirstEncoder, dec: Decoder, images: torch.Tensor, cfg: AutoencoderConfig,
-                     device: torch.device) -> None:
+                     device: torch.device, curve: list | None = None) -> None:
     """Decoder-only training with E1 frozen, `cfg.decoder_finetune` steps per joint step (as Stable
     Diffusion's ft-MSE VAE decoder): the latents, hence the chain and teacher, stay as they are, and the
     decoder that turns every synthetic latent into pixels reconstructs better."""
@@ -89,7 +101,8 @@ def finetune_decoder(enc: FirstEncoder, dec: Decoder, images: torch.Tensor, cfg:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
     bar = progress(_batches(len(images), cfg.batch_size, steps, cfg.seed + 1), total=steps, desc="decoder", unit="step")
     dec.train()
-    for idx in bar:
+    curve = [] if curve is None else curve
+    for step, idx in enumerate(bar):
         x = images[idx].to(device)
         with torch.no_grad(), autocast(device, cpu_bf16=True):
             mean, logvar = enc.moments(x)
@@ -100,21 +113,26 @@ def finetune_decoder(enc: FirstEncoder, dec: Decoder, images: torch.Tensor, cfg:
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(mse=f"{loss.item():.4f}", refresh=False)
+        _record(bar, curve, step, loss, "mse")
 
 
 def load_or_train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, device: torch.device) -> tuple[FirstEncoder, Decoder, dict]:
     """Returns (E1, D, info) with info['seconds'] = 0 on a cache hit."""
     path = cache_dir("autoencoder", cfg, fingerprint(images), *cpu_bf16_key(device))
-    start, trained = time.time(), False
+    start, trained, committed = time.time(), False, None
     with building(path):
         if not path.exists():
-            enc, dec = train_autoencoder(images, cfg, device)
-            _save(path, {"first_encoder": enc, "decoder": dec}, {"config": to_jsonable(cfg), "images": len(images)})
+            committed = install("autoencoder", path, config=to_jsonable(cfg), public_fingerprint=fingerprint(images))
+        if not path.exists():
+            curves = {}
+            enc, dec = train_autoencoder(images, cfg, device, curves)
+            _save(path, {"first_encoder": enc, "decoder": dec}, {"config": to_jsonable(cfg), "images": len(images),
+                                                                  "curves": curves})
             trained = True
     enc = FirstEncoder.from_pretrained(path / "first_encoder", low_cpu_mem_usage=False).to(device).eval()
     dec = Decoder.from_pretrained(path / "decoder", low_cpu_mem_usage=False).to(device).eval()
-    return enc, dec, {"path": str(path), "seconds": time.time() - start, "trained": trained}
+    return enc, dec, {"path": str(path), "seconds": time.time() - start, "trained": trained,
+                      **({"committed": committed} if committed else {})}
 
 
 # ---------------------------------------------------------------- chain
@@ -134,7 +152,8 @@ def _noise_loss(e2, estimators, sched, z0: torch.Tensor, t: int | torch.Tensor) 
     return F.mse_loss(pred.float(), target)
 
 
-def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators]:
+def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device,
+                 curve: list | None = None) -> tuple[SecondEncoder, NoiseEstimators]:
     torch.manual_seed(cfg.seed)
     c, s = latents.shape[1], latents.shape[-1]
     e2 = SecondEncoder(c, cfg.second_encoder_channels, cfg.condition_tokens, cfg.cross_attention_dim).to(device)
@@ -144,14 +163,15 @@ def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) 
     lr = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(cfg.shared_steps, 1), pct_start=0.05)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     bar = progress(_batches(len(latents), cfg.batch_size, cfg.shared_steps, cfg.seed), total=cfg.shared_steps, desc="chain (shared)", unit="step")
-    for idx in bar:
+    curve = [] if curve is None else curve
+    for step, idx in enumerate(bar):
         steps = torch.randint(0, cfg.T, (len(idx),), generator=gen).to(device)
         loss = _noise_loss(e2, est, sched, latents[idx].to(device), steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         lr.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        _record(bar, curve, step, loss, "loss")
     return e2.eval(), est.eval()
 
 
@@ -161,7 +181,7 @@ def finetune_separate(latents: torch.Tensor, cfg: ChainConfig, e2: SecondEncoder
 
     E2 stays frozen so that every module conditions on the same token space. The noise draws are seeded
     here, so the modules depend on the config and the data alone: a run that loads the shared estimator
-    from the cache (resumed, or with other module steps) builds what a cold run builds (session 22).
+    from the cache (resumed, or with other module steps) builds what a cold run builds.
     """
     torch.manual_seed(cfg.seed + 2)
     est = NoiseEstimators(cfg.T, "separate", latents.shape[1], latents.shape[-1], cfg.unet_channels,
@@ -185,20 +205,27 @@ def finetune_separate(latents: torch.Tensor, cfg: ChainConfig, e2: SecondEncoder
     return est.eval()
 
 
-# Part of the separate entries' key: what makes the same config train other modules. Session 22 seeded their
-# noise (`finetune_separate`), so entries built before it are not what this code builds.
+# Part of the separate entries' key: the per-module fine-tuning seeds its own noise (`finetune_separate`);
+# entries built by code that did not are not what this code builds.
 SEPARATE_RECIPE = "seeded-noise"
 
 
-def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators, dict]:
-    """Trains (or loads) the shared estimator, then the separate modules when asked for."""
-    start, key = time.time(), fingerprint(latents)
+def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.device,
+                        committed: dict | None = None) -> tuple[SecondEncoder, NoiseEstimators, dict]:
+    """Trains (or loads) the shared estimator, then the separate modules when asked for. `committed`
+    ({'e1_fingerprint': ...}, only for a pool that is the clean private split) lets a committed
+    checkpoint of the same config stand in for training (server/committed.py)."""
+    start, key, used = time.time(), fingerprint(latents), None
     shared_cfg = replace(cfg, layout="shared", module_steps=0)
     shared_path = cache_dir("chain", shared_cfg, key)
     with building(shared_path):
+        if not shared_path.exists() and committed:
+            used = install("chain", shared_path, config=to_jsonable(shared_cfg), **committed)
         if not shared_path.exists():
-            e2, est = train_shared(latents, shared_cfg, device)
-            _save(shared_path, {"second_encoder": e2, "noise_estimators": est}, {"config": to_jsonable(shared_cfg)})
+            curve = []
+            e2, est = train_shared(latents, shared_cfg, device, curve)
+            _save(shared_path, {"second_encoder": e2, "noise_estimators": est},
+                  {"config": to_jsonable(shared_cfg), "curves": {"chain_loss": curve}})
     path = shared_path
     if cfg.layout == "separate":
         path = cache_dir("chain", cfg, key, SEPARATE_RECIPE)
@@ -208,7 +235,7 @@ def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.d
                 sep = finetune_separate(latents, cfg, e2, est, device)
                 _save(path, {"noise_estimators": sep}, {"config": to_jsonable(cfg), "second_encoder": shared_path.name})
     e2, est = load_chain(path, device)
-    return e2, est, {"path": str(path), "seconds": time.time() - start}
+    return e2, est, {"path": str(path), "seconds": time.time() - start, **({"committed": used} if used else {})}
 
 
 def load_chain(path: Path, device: torch.device) -> tuple[SecondEncoder, NoiseEstimators]:

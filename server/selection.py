@@ -1,4 +1,4 @@
-"""Class plans and selection rules: which real latents condition which synthetic image (SPEC §1).
+"""Class plans and selection rules: which real latents condition which synthetic image (docs/spec.md §1).
 
 A class plan decides how many synthetic images there are and which classes feed each one; a
 selection rule then fixes the T real latents of each image, in estimator order (column k conditions
@@ -101,7 +101,7 @@ def select_cluster(labels: np.ndarray, image_classes: list[np.ndarray], T: int, 
     (`reuse_count` in the manifest), like `one-to-one` reshuffling its queue.
 
     The default rule: at IPC 10 it measured 79.2 % (3 seeds) against 78.7 % for `one-to-one` (bench,
-    docs/results.md, session 7); a blend of T unrelated images comes out as a class average.
+    docs/results.md); a blend of T unrelated images comes out as a class average.
     """
     if latents is None:
         raise ValueError("selection 'cluster' needs the latents (plan_and_select(..., latents=...))")
@@ -137,7 +137,7 @@ def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _squared_distances(x: np.ndarray, centre: np.ndarray, rows: int = 512) -> np.ndarray:
-    """`((x - centre) ** 2).sum(1)`, bit for bit, in blocks of rows that reuse one buffer (session 20:
+    """`((x - centre) ** 2).sum(1)`, bit for bit, in blocks of rows that reuse one buffer (measured:
     2.7 against 4.5 ms on 5,400 x 256 float64; each row's sum is the same pairwise sum)."""
     out = np.empty(len(x))
     buf = np.empty((min(rows, len(x)), x.shape[1]))

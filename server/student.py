@@ -1,4 +1,4 @@
-"""Train a student on any labelled image set and evaluate it on the real test set (issue 2 §5).
+"""Train a student on any labelled image set and evaluate it on the real test set.
 
 One recipe for every arm (synthetic, random real, full real): SGD with momentum, cosine schedule,
 DSA-style augmentation, soft cross-entropy (hard labels are one-hot soft labels) and, by default, KD from
@@ -27,7 +27,7 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     """`targets`: (N, K) soft labels. Trains for `steps` (default cfg.steps) minibatch steps.
 
     With a `teacher`, each batch is augmented twice from the same random draws: for the student, and
-    for the teacher at `teacher_view_strength` of its magnitude (1: the same view; SPEC §2's MI loss:
+    for the teacher at `teacher_view_strength` of its magnitude (1: the same view; docs/spec.md §2's MI loss:
     a weaker one); the teacher's logits and both networks' distillation-point features reach the losses.
     A teacher that no term of `loss` consults (plain soft_ce) is ignored: callers pass theirs unconditionally.
     """
@@ -93,7 +93,7 @@ def _feature_channels(model, teacher, probe, taps) -> dict:
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
              batch_size: int | None = None) -> float:
     """Top-1 accuracy as a fraction in [0, 1]. Default batches: 1000 on CUDA, 100 on CPU, where ConvNet-3
-    runs 1.3-1.45x faster than at 1000 (activations nearer the caches) with identical logits (session 16)."""
+    runs 1.3-1.45x faster than at 1000 (activations nearer the caches) with identical logits."""
     batch_size = batch_size or (1000 if device.type == "cuda" else 100)
     model.eval()
     correct = 0

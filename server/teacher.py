@@ -1,4 +1,4 @@
-"""The server's teacher: a classifier E1 -> E2 -> head over pooled latents (issue 5 §1).
+"""The server's teacher: a classifier E1 -> E2 -> head over pooled latents.
 
 Trained on latents only (E1 frozen, so training skips it), it classifies pixel images through E1,
 which lets it label and distil into students on synthetic images. Its features for feature-level
@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from server.committed import install
 from server.pretrain import fingerprint
 from shared.cache import building, cache_dir
 from shared.models.first_encoder import FirstEncoder
@@ -70,11 +71,17 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
 
 
 def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                          device: torch.device, steps: int) -> tuple[Teacher, dict]:
-    path = cache_dir("teacher", fingerprint(latents), fingerprint(labels.float()), steps,
-                     fingerprint(torch.cat([p.flatten() for p in models["second_encoder"].parameters()])),
+                          device: torch.device, steps: int, committed: dict | None = None) -> tuple[Teacher, dict]:
+    """`committed`: as for the chain (server/committed.py), for a pool that is the clean private split."""
+    e2_fingerprint = fingerprint(torch.cat([p.flatten() for p in models["second_encoder"].parameters()]))
+    path = cache_dir("teacher", fingerprint(latents), fingerprint(labels.float()), steps, e2_fingerprint,
                      *cpu_bf16_key(device))
     with building(path):
+        if not (path / "teacher.pt").exists() and committed:
+            used = install("teacher", path, steps=steps, e2_fingerprint=e2_fingerprint, **committed)
+            if used:
+                teacher = load_teacher(path, models["first_encoder"], models["second_encoder"], num_classes, device)
+                return teacher, {"seconds": 0.0, "steps": steps, "path": str(path), "committed": used}
         if (path / "teacher.pt").exists():
             teacher = load_teacher(path, models["first_encoder"], models["second_encoder"], num_classes, device)
             return teacher, {"seconds": 0.0, "steps": steps, "cached": str(path), "path": str(path)}

@@ -1,1 +1,1 @@
-"""Code shared by server and clients: configs, data, models, registries (SPEC §0)."""
+"""Code shared by server and clients: configs, data, models, registries (docs/spec.md §0)."""

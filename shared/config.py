@@ -19,14 +19,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """First encoder E1 and decoder D, trained together (SPEC §1, 'encoder' of figures 3-4)."""
+    """First encoder E1 and decoder D, trained together (docs/spec.md §1, 'encoder' of figures 3-4)."""
     in_channels: int = 1
     latent_channels: int = 4
     encoder_channels: tuple[int, ...] = (32, 64)     # light: runs on edge devices
     decoder_channels: tuple[int, ...] = (96, 48, 24)
     kl_weight: float = 1e-4
     steps: int = 600
-    decoder_finetune: float = 0.75          # then decoder-only steps per joint step, E1 frozen (docs/results.md, sessions 9, 22)
+    decoder_finetune: float = 0.75          # then decoder-only steps per joint step, E1 frozen
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0
@@ -34,7 +34,7 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class ChainConfig:
-    """Second encoder E2 + T noise estimators (SPEC §1 claims 1-2, figures 3-4)."""
+    """Second encoder E2 + T noise estimators (docs/spec.md §1 claims 1-2, figures 3-4)."""
     T: int = 20
     layout: str = "separate"                # 'separate': T modules (claim 2); 'shared': one module + t embedding
     beta_schedule: str = "squaredcos_cap_v2"
@@ -42,9 +42,9 @@ class ChainConfig:
     unet_channels: tuple[int, int] = (32, 64)
     cross_attention_dim: int = 64
     condition_tokens: int = 16              # E2 output: tokens (a square grid) x cross_attention_dim
-    second_encoder_channels: int = 64        # 128 until session 20: 4x the MACs, no better (docs/results.md, session 20)
+    second_encoder_channels: int = 64        # 128: 4x the MACs, no better
     shared_steps: int = 900                 # joint training of the shared estimator (warm start)
-    module_steps: int = 7                   # per-module fine-tuning steps in the separate layout (15 until session 22)
+    module_steps: int = 7                   # per-module fine-tuning steps in the separate layout (15: no better, ~2 min more on a CPU)
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
@@ -52,7 +52,7 @@ class ChainConfig:
 
 @dataclass(frozen=True)
 class CondenseConfig:
-    """How synthetic images are made from real latents (SPEC §1 claims 1-7)."""
+    """How synthetic images are made from real latents (docs/spec.md §1 claims 1-7)."""
     ipc: Optional[int] = 10                 # synthetic images per class; or use `ratio`
     ratio: Optional[float] = None           # synthetic/real image count; 1/T with max_coverage
     max_coverage: bool = False              # every real latent conditions exactly one synthetic image
@@ -61,21 +61,26 @@ class CondenseConfig:
     sampler: str = "ddim"                   # 'ddim' | 'ddpm'
     noise_init: str = "random"              # 'random' noise image | 'preset': mean of conditioning images
     clip_latent: Optional[float] = 3.0      # clip predicted z_0 to [-r, r] while sampling (unit-variance latents)
-    guidance: float = 0.05                  # teacher guidance per guided step on z_0 (RMS, latent units); 0: off (session 11)
-    guidance_terms: str = "label:1,representative:1"   # what guidance pulls towards (server/guidance.py; session 12)
-    guidance_steps: int = 10                # guide only the chain's last N steps; 0 or >= T: every step (sessions 18, 20)
+    guidance: float = 0.05                  # teacher guidance per guided step on z_0 (RMS, latent units); 0: off
+    guidance_terms: str = "label:1,representative:1"   # what guidance pulls towards (server/guidance.py)
+    guidance_steps: int = 10                # guide only the chain's last N steps; 0 or >= T: every step
+    formation: int = 1                      # multi-image formation (server/formation.py): factor^2 chain images per stored image
+    refine_iterations: int = 0              # latent distribution matching after the chain (server/refine.py); 0: off
+    refine_lr: float = 0.01                 # Adam on the chain's latents
+    refine_real_per_class: int = 6000       # decoded pool latents per class that the refinement matches
+    refine_real_batch: int = 256            # real images per class and iteration (DM's 256)
     batch_size: int = 500
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """Student training on any image set; the same recipe for every arm (issue 2 §5)."""
+    """Student training on any image set; the same recipe for every arm."""
     model: str = "convnet3"
-    steps: int = 200                        # ~45 s per IPC-10 arm on 2 CPU cores (ConvNet-3, bf16; demo, session 8)
+    steps: int = 200                        # ~45 s per IPC-10 arm on 2 CPU cores (ConvNet-3, bf16; demo)
     batch_size: int = 256
-    lr: float = 0.02                        # the random-real baseline's best of 0.01-0.05 (docs/results.md, session 8)
-    lr_reference_batch: int = 100           # batches below it train at lr * sqrt(batch / it) (IPC 1: batch 10, session 9)
+    lr: float = 0.02                        # the random-real baseline's best of 0.01-0.05
+    lr_reference_batch: int = 100           # batches below it train at lr * sqrt(batch / it) (IPC 1: batch 10)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: str = "affine"                 # shared/augment.py: 'affine' | 'dsa' | 'none'
@@ -107,7 +112,7 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """The federation (issue 3): K clients, their split, chunking, timeouts, client-side noise."""
+    """The federation: K clients, their split, chunking, timeouts, client-side noise."""
     clients: int = 10
     alpha: float = 0.5                      # Dirichlet concentration of the non-IID split
     iid: bool = False
@@ -139,6 +144,9 @@ class DemoConfig:
     ipcs: tuple[int, ...] = (10,)
     baselines: tuple[str, ...] = ("random_real", "full_real")
     eval_seeds: int = 1                     # per IPC: seeds 0..n-1 added to the condense/student seeds (paired stats)
+    recipe: str = "small"                   # the recipe these values came from (shared/recipe.py)
+    protocol: str = "teacher-kd"            # how arms are scored: 'standard' (server/evaluate.py) | 'teacher-kd' (students distil from the teacher)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     reuse_baselines: bool = True            # reuse a baseline student whose inputs, code and kernels match (server/baseline_cache.py)
     device: str = "auto"
 

@@ -28,8 +28,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def fixed_conv_kernels():
     """Convolutions inside pick cuDNN's fixed, deterministic kernels instead of the per-process autotuner
     (`cudnn.benchmark`, on for CUDA). Two runs encoding the same images then get bit-identical latents, so
-    the pool's fingerprint, the chain's and teacher's cache key, repeats (session 18: on an H200 it did not,
-    and a rerun retrained the chain). No effect on CPU."""
+    the pool's fingerprint, the chain's and teacher's cache key, repeats. No effect on CPU."""
     saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     try:
@@ -61,7 +60,7 @@ def keep_freed_memory() -> bool:
     allocations come from the heap, not from mmap + munmap each time (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD =
     1 GiB), and every thread shares the main heap (M_ARENA_MAX = 1; Flower runs the ServerApp in a thread).
     By default each step page-faults its activations afresh. Allocation only: results are bit-identical;
-    peak RSS stays with the process. Measured (docs/results.md, session 14, 2-core AVX2 CPU): ConvNet-3
+    peak RSS stays with the process. Measured on a 2-core AVX2 CPU: ConvNet-3
     training 1.4x faster with 20-28x fewer page faults. Once per process; False where libc is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -1,4 +1,4 @@
-"""Sealed latent submissions: what leaves a device, and how the server accepts or rejects it (issue 3).
+"""Sealed latent submissions: what leaves a device, and how the server accepts or rejects it.
 
 Per message a client makes a fresh X25519 key pair, agrees a secret with the server's public key,
 derives an AES-256-GCM key with HKDF-SHA256 and encrypts the payload; the associated data binds run

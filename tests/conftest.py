@@ -8,7 +8,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest-xdist workers, each with every core's thread, and idle OpenMP threads
     # sleep instead of spinning: when one worker waits (a Flower timeout, a cache lock) the other gets
     # both cores; when both compute they share them (two spinning 2-thread workers: 1.2 s per ConvNet-3
-    # step instead of 0.7-0.9 s; docs/results.md, session 15). Flower processes inherit the policy.
+    # step instead of 0.7-0.9 s; docs/results.md). Flower processes inherit the policy.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

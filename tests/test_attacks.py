@@ -1,4 +1,4 @@
-"""The audit's attacks can fail a run: a deliberately leaky student is flagged (issue 4 acceptance)."""
+"""The audit's attacks can fail a run: a deliberately leaky student is flagged."""
 import numpy as np
 import pytest
 import torch

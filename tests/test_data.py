@@ -1,4 +1,4 @@
-"""Real data loading and deterministic partitioning (issue 2 §2)."""
+"""Real data loading and deterministic partitioning."""
 import gzip
 import struct
 

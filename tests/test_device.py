@@ -82,7 +82,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_training_steps_reuse_freed_memory():
     """With `keep_freed_memory`, ConvNet-3's training steps (batch 100: 52 MB activations) reuse freed
-    heap memory; by default glibc unmaps them and every step page-faults them afresh (session 14:
+    heap memory; by default glibc unmaps them and every step page-faults them afresh (measured:
     20-28x the faults, and 1.3-1.4x the time, on a 2-core AVX2 CPU)."""
     run = lambda mode: int(subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True,
                                           check=True, cwd=Path(__file__).parents[1]).stdout)
@@ -92,7 +92,7 @@ def test_training_steps_reuse_freed_memory():
 
 def test_encoding_uses_fixed_conv_kernels_and_restores_the_autotuner(monkeypatch):
     """cuDNN's per-process autotuner made the same images encode to latents that differ in the last bits,
-    so on an H200 a rerun missed the chain's cache (session 18; checked there: two processes, two
+    so on an H200 a rerun missed the chain's cache (checked there: two processes, two
     fingerprints with the autotuner, one without). E1 runs with it off and deterministic kernels on; the
     flags come back afterwards, also after an error."""
     from client.encode import encode_images
@@ -113,7 +113,7 @@ def test_encoding_uses_fixed_conv_kernels_and_restores_the_autotuner(monkeypatch
 def test_every_run_keeps_freed_memory_however_it_is_started(monkeypatch, tmp_path):
     """`prepare_server`, where the single-machine, simulated and deployed runs all start, applies the
     allocator setting itself: a script that called `run_simulation_demo` without the CLI trained its students
-    1.3-1.5x slower (session 23). It comes first, before anything can fail."""
+    1.3-1.5x slower. It comes first, before anything can fail."""
     from dataclasses import replace
 
     import server.pipeline as pipeline

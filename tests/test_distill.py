@@ -1,4 +1,4 @@
-"""Teacher and distillation with weak/strong augmentation (issue 5 §1, §3)."""
+"""Teacher and distillation with weak/strong augmentation."""
 import pytest
 import torch
 
@@ -51,7 +51,7 @@ def test_distillation_with_teacher_runs_every_family(setup):
 
 @pytest.mark.parametrize("spec", ["soft_ce:1,mixed:1", "soft_ce:1,attention:1"])
 def test_attention_losses_train_a_working_student(setup, spec):
-    """Regression (issue 5): `soft_ce:1,mixed:1` used to blow the logits up within two steps."""
+    """Regression: `soft_ce:1,mixed:1` used to blow the logits up within two steps."""
     ds, teacher = setup
     x, y = ds.private.images[:600], torch.nn.functional.one_hot(ds.private.labels[:600], 10).float()
     model = train_student(x, y, StudentConfig(model="convnet3_w32", steps=40, batch_size=64), torch.device("cpu"),
@@ -62,7 +62,7 @@ def test_attention_losses_train_a_working_student(setup, spec):
 
 
 def test_weak_view_is_the_same_transform_at_lower_strength():
-    """Same draws: the teacher's view moves a bright pixel half as far as the student's (SPEC §2)."""
+    """Same draws: the teacher's view moves a bright pixel half as far as the student's (docs/spec.md §2)."""
     img = torch.full((64, 1, 32, 32), -1.0)
     img[:, :, 10, 20] = 1.0
     grid_y, grid_x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
@@ -107,7 +107,7 @@ def test_a_teacher_the_loss_never_consults_is_ignored(setup):
 
 
 def test_teacher_view_follows_the_loss_unless_set():
-    """Plain KD labels the student's own view; SPEC §2's MI loss asks for a weak one; an override wins."""
+    """Plain KD labels the student's own view; docs/spec.md §2's MI loss asks for a weak one; an override wins."""
     from server.losses import teacher_view_strength
     assert teacher_view_strength("soft_ce:0.25,kd:1") == 1.0 and teacher_view_strength("dkd") == 1.0
     assert teacher_view_strength("soft_ce:1,mi_prior:1") == 0.5

@@ -1,4 +1,4 @@
-"""Loss registry (issue 5): gradients, known values, Hungarian matching vs brute force."""
+"""Loss registry: gradients, known values, Hungarian matching vs brute force."""
 import itertools
 import math
 
@@ -155,7 +155,7 @@ def test_a_diverging_loss_stops_training_with_a_clear_error():
 @pytest.mark.parametrize("name", ["attention", "mixed"])
 def test_attention_terms_have_bounded_gradients_at_initialisation(name):
     """At ConvNet-3's distillation point (after the norm, before the ReLU) a channel's plain spatial mean
-    is the norm's bias, zero at initialisation; normalising it gave ~1e8 gradients (issue 5's divergence)."""
+    is the norm's bias, zero at initialisation; normalising it gave ~1e8 gradients."""
     torch.manual_seed(0)
     student = build_student("convnet3_w32", 1, K)
     tap = FeatureTap(student, "convnet3_w32")

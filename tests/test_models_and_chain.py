@@ -1,4 +1,4 @@
-"""Model shapes for both layouts, chain determinism, save/load (SPEC §1 claims 1-2)."""
+"""Model shapes for both layouts, chain determinism, save/load (docs/spec.md §1 claims 1-2)."""
 from dataclasses import replace
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def _condense(tiny_models, seed, teacher=True, **kw):
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_guidance_raises_the_teachers_probability_of_each_label(tiny_models, sampler):
-    """Teacher guidance (session 11): same conditioning and noise draws; the guided final latents are
+    """Teacher guidance: same conditioning and noise draws; the guided final latents are
     more likely under the teacher for their own labels, and guidance 0 is the plain chain."""
     import torch.nn.functional as F
     teacher = _teacher(tiny_models[1])
@@ -93,7 +93,7 @@ def test_guidance_raises_the_teachers_probability_of_each_label(tiny_models, sam
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_representative_guidance_pulls_towards_the_conditioning_group(tiny_models, sampler):
-    """The `representative` term (session 12): the guided final latents' teacher tokens sit closer to the
+    """The `representative` term: the guided final latents' teacher tokens sit closer to the
     mean tokens of their own T conditioning latents than the unguided ones do."""
     teacher = _teacher(tiny_models[1])
     g = torch.Generator().manual_seed(0)
@@ -108,8 +108,8 @@ def test_representative_guidance_pulls_towards_the_conditioning_group(tiny_model
 
 
 def test_guidance_steps_guide_only_the_chains_last_steps(tiny_models):
-    """`guidance_steps` N (session 18): the guide is called at the last N steps only (t = N-1 .. 0); N = T, or
-    above it (the default 10 on a shorter chain, session 20), is every step, bit for bit the same as 0;
+    """`guidance_steps` N: the guide is called at the last N steps only (t = N-1 .. 0); N = T, or
+    above it (the default 10 on a shorter chain), is every step, bit for bit the same as 0;
     a negative N is refused."""
     from server.condense import run_chain
     chain_cfg, models = tiny_models
@@ -287,7 +287,7 @@ def test_a_moved_cache_still_loads_its_separate_chain(tmp_path, monkeypatch):
 def test_separate_modules_do_not_depend_on_what_the_process_ran_before(tmp_path, monkeypatch):
     """The per-module fine-tuning seeds its own noise: with the shared estimator already cached (a resumed
     run, or one with other module steps) it builds the checkpoint that a cold run, training both in one
-    go, builds. Before session 22 it drew from wherever the global generator stood."""
+    go, builds, rather than drawing from wherever the global generator stood."""
     import shutil
     import server.pretrain as pretrain
     from shared.config import ChainConfig

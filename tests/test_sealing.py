@@ -1,4 +1,4 @@
-"""Sealed submissions: every bad input is rejected with a specific code (issue 3 acceptance)."""
+"""Sealed submissions: every bad input is rejected with a specific code."""
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey

@@ -1,4 +1,4 @@
-"""Class plans, selection rules and the n_c/T label (SPEC §1 claims 3-7)."""
+"""Class plans, selection rules and the n_c/T label (docs/spec.md §1 claims 3-7)."""
 import numpy as np
 import pytest
 
@@ -126,7 +126,7 @@ def test_cluster_rule_reuses_latents_only_when_the_budget_needs_more_than_there_
 
 
 def _reference_kmeans_pp(x, k, rng):
-    """The seeding as first written (session 7): the blocked version must match it bit for bit."""
+    """The seeding as first written: the blocked version must match it bit for bit."""
     centres = [x[rng.integers(len(x))]]
     d = ((x - centres[0]) ** 2).sum(1)
     for _ in range(1, k):
@@ -158,7 +158,7 @@ def _reference_capacitated_nearest(dist, T):
 
 @pytest.mark.parametrize("n,k,T,decimals", [(2000, 40, 20, 8), (300, 20, 20, 8), (50, 10, 8, 1), (17, 4, 5, 8)])
 def test_cluster_rule_helpers_match_the_plain_greedy_bit_for_bit(n, k, T, decimals):
-    """The screened greedy and blocked distances (session 20) pick exactly what the plain loops picked,
+    """The screened greedy and blocked distances pick exactly what the plain loops picked,
     with spare points, with too few (reuse), and with tied distances (rounded duplicates)."""
     from server.selection import _capacitated_nearest, _kmeans_pp
     x = np.random.default_rng(n).standard_normal((n, 16)).round(decimals)

@@ -1,1 +1,1 @@
-"""Model definitions (diffusers config-built models; SPEC §1) and students (issue 2 §5)."""
+"""Model definitions (diffusers config-built models; docs/spec.md §1) and students."""

@@ -1,4 +1,4 @@
-"""Distillation points of torchvision students (SPEC §5): where channel-level losses read features.
+"""Distillation points of torchvision students (docs/spec.md §5): where channel-level losses read features.
 
 - ResNet: after the residual addition, before the ReLU (last block of `layer3`): the input of the
   block's ReLU on its second call.

@@ -1,4 +1,4 @@
-"""First encoder E1 (cheap, runs on edge devices) and decoder D (server), SPEC §1.
+"""First encoder E1 (cheap, runs on edge devices) and decoder D (server), docs/spec.md §1.
 
 Built with diffusers' ResnetBlock2D as ConfigMixin models, so both
 save/load with `save_pretrained`/`from_pretrained` offline. E1 is VAE-style (mean, log-variance);

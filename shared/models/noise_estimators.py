@@ -1,4 +1,4 @@
-"""The chain of T conditional noise estimators (SPEC §1 claim 2, figures 3-4).
+"""The chain of T conditional noise estimators (docs/spec.md §1 claim 2, figures 3-4).
 
 Each estimator is a diffusers UNet2DConditionModel: Q from the noisy latent z_t, K/V from the E2
 tokens of the conditioning image (cross-attention). Layouts:
@@ -56,7 +56,7 @@ def make_scheduler(T: int, beta_schedule: str, sampler: str = "ddpm", clip_range
                    prediction: str = "epsilon"):
     """DDPM for training/ancestral sampling, DDIM (eta 0) for deterministic sampling; T train steps.
 
-    `prediction`: what the estimators output. 'epsilon' is the noise itself (SPEC §1). **Reading:**
+    `prediction`: what the estimators output. 'epsilon' is the noise itself (docs/spec.md §1). **Reading:**
     'v_prediction' outputs the velocity v = sqrt(a_bar) eps - sqrt(1 - a_bar) z_0, an invertible
     re-parameterisation of the same noise estimate (eps = sqrt(a_bar) v + sqrt(1 - a_bar) z_t); it
     stays well conditioned at the highest noise levels, where a short chain sets each image's shape.

@@ -1,11 +1,11 @@
-"""Second encoder E2: latent -> conditioning tokens for cross-attention (SPEC §1 claim 2).
+"""Second encoder E2: latent -> conditioning tokens for cross-attention (docs/spec.md §1 claim 2).
 
 Stronger than E1: three residual blocks to E1's one, ~11 M multiply-adds per latent at the default
-64 channels against E1's ~7 M. 128 channels cost 4x that and did no better (docs/results.md, session 20).
+64 channels against E1's ~7 M. 128 channels cost 4x that and did no better.
 Its output is a grid of pooled tokens (default 4x4 over the 8x8 latent), not the latent itself: a
 condition that carried every detail would let the last estimator copy its image, while a coarse one
-lets each of the T conditioning images shape the synthetic image. Measured at IPC 10 (docs/results.md,
-session 6): 16 tokens beat 4 (2x2) by ~1 point, and with the `cluster` rule they give sharp,
+lets each of the T conditioning images shape the synthetic image. Measured at IPC 10:
+16 tokens beat 4 (2x2) by ~1 point, and with the `cluster` rule they give sharp,
 class-faithful images; 4 tokens steer the highest-noise steps so weakly that ~40 % of images come out as
 another class.
 """
