@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m compileall -q -j 2 client server shared \
 	  $$($(BIN)/python -c 'import importlib.util as u; print(*(u.find_spec(n).submodule_search_locations[0] for n in ("flwr", "ray")))')
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -c \
-	  "import server.cli, server.app, client.app, flwr.simulation, matplotlib.pyplot, pytest, xdist"
+	  "import server.cli, server.federation.app, client.app, flwr.simulation, matplotlib.pyplot, pytest, xdist"
 	touch $(STAMP)
 
 # Default dataset: full Fashion-MNIST from Debian (offline, see docs/data.md).

@@ -1,12 +1,12 @@
 """Distribution Matching (DM), Zhao & Bilen, WACV 2023, at its published settings by default:
 20,000 iterations, real batch 256 per class, image learning rate 1 (DM's normalised pixel units; 0.5 in
-ours, server/matching.py), SGD momentum 0.5, DSA augmentation, synthetic images initialised from random
-real images of their class. Several (IPC, seed) sets run in one loop (server/matching.py)."""
+ours, server/condense/matching.py), SGD momentum 0.5, DSA augmentation, synthetic images initialised from random
+real images of their class. Several (IPC, seed) sets run in one loop (server/condense/matching.py)."""
 from __future__ import annotations
 
 import torch
 
-from server.matching import match, pixel_set
+from server.condense.matching import match, pixel_set
 
 DM_ITERATIONS = 20_000
 DM_LR = 0.5                     # = DM's 1.0 on mean/std-normalised pixels, in [-1, 1] units

@@ -23,10 +23,10 @@ import torch
 
 from benchmarks.dm import distribution_matching
 from client.encode import encode_images
-from server.condense import condense
+from server.condense.chain import condense
 from server.pipeline import random_real_like, server_teacher
-from server.pretrain import load_or_train_autoencoder, load_or_train_chain
-from server.student import fit_and_score, one_hot
+from server.condense.pretrain import load_or_train_autoencoder, load_or_train_chain
+from server.distill.student import fit_and_score, one_hot
 from shared.config import AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, StudentConfig
 from shared.data import ImageSplit, load_dataset
 from shared.device import device_name, gpu_peak_mb, resolve_device

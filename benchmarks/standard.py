@@ -1,5 +1,5 @@
 """`fedcondense bench --protocol standard`: condensed sets against their alternatives under the field's
-standard evaluation protocol (server/evaluate.py), every arm in the same run on the same machine.
+standard evaluation protocol (server/distill/evaluate.py), every arm in the same run on the same machine.
 
 Arms per IPC and condensation seed (each scored by `evaluators` ConvNet-3s trained from scratch):
 - ours variants (docs/spec.md §1 chain; options in shared/config.py `CondenseConfig`):
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from benchmarks.coresets import herding, k_center
 from benchmarks.dm import distribution_matching
 from client.encode import encode_images
-from server.condense import condense
-from server.evaluate import LabelledSet, evaluate_sets, train_members
-from server.formation import form
+from server.condense.chain import condense
+from server.distill.evaluate import LabelledSet, evaluate_sets, train_members
+from server.condense.formation import form
 from server.pipeline import server_teacher
-from server.pretrain import load_or_train_autoencoder, load_or_train_chain
+from server.condense.pretrain import load_or_train_autoencoder, load_or_train_chain
 from shared.config import (AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, EvaluationConfig,
                            StudentConfig)
 from shared.data import ImageSplit, load_dataset
@@ -140,7 +140,7 @@ def full_real(ctx: dict, cfg: StandardBenchConfig, dev, run: Run):
     net = train_members(ds.private.images[None].expand(cfg.evaluators, -1, -1, -1, -1),
                         y[None].expand(cfg.evaluators, -1, -1), ecfg, dev, seed=cfg.evaluation.seed,
                         desc="full real")
-    from server.evaluate import member_accuracy
+    from server.distill.evaluate import member_accuracy
     acc = member_accuracy(net, ds.test.images, ds.test.labels, dev)
     run.doc["results"].append({"arm": "full_real", "ipc": None, "epochs": cfg.full_epochs, "accuracy": acc,
                                "mean": sum(acc) / len(acc), "std": float(torch.tensor(acc).std())})
@@ -173,8 +173,8 @@ def random_per_class(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def ours_sets(ipc: int, ctx: dict, cfg: StandardBenchConfig, dev, run: Run) -> list[LabelledSet]:
     """Every `ours` arm for every seed. The plain and refined arms start from the same chain images, and
-    each refinement runs the seeds' sets in one loop (server/refine.py)."""
-    from server.condense import formed, refined, run_chains
+    each refinement runs the seeds' sets in one loop (server/condense/refine.py)."""
+    from server.condense.chain import formed, refined, run_chains
     pool, k = ctx["pool"], ctx["ds"].num_classes
     wanted = [a for a in cfg.arms if a in OURS]
     chains: dict = {}                                            # (guided, factor) -> [chain set per seed]
@@ -232,7 +232,7 @@ def baseline_sets(ipc: int, seed: int, ctx: dict, cfg: StandardBenchConfig) -> l
 
 def save_grids(sets: list[LabelledSet], folder: Path) -> None:
     """One PNG per set (one row per class), for the report page."""
-    from server.condense import save_grid
+    from server.condense.chain import save_grid
     folder.mkdir(parents=True, exist_ok=True)
     for st in sets:
         save_grid(st.images.clamp(-1, 1), st.labels.argmax(1), folder / f"{st.name.split('|')[0]}.png")

@@ -12,121 +12,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default="small",
-                   help="small (the typed defaults: models a CPU trains in ~20 min) | full (shared/recipes/full.toml: "
-                        "the models trained to their plateau, minutes on a GPU; committed checkpoints) | demo (what "
-                        "`make demo` runs: the full recipe's models, condensation sized for 2 CPU cores) | a .toml file")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
-    p.add_argument("--cpu-precision", choices=["auto", "bf16", "fp32"], default=None,
-                   help="conv nets on a CPU: auto = bf16 where the CPU has native bf16 (default), else fp32")
-    p.add_argument("--data-dir", default=None, help="directory holding the 4 IDX .gz files (default: Debian package)")
-    p.add_argument("--train-limit", type=int, default=None, help="use only this many private training images")
-    p.add_argument("--test-limit", type=int, default=None, help="evaluate on this many test images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--T", type=int, default=None, help="chain length / images per synthetic image (default 20)")
-    p.add_argument("--layout", choices=["separate", "shared"], default=None)
-    p.add_argument("--ae-steps", type=int, default=None, help="autoencoder training steps")
-    p.add_argument("--chain-steps", type=int, default=None, help="shared-estimator training steps")
-    p.add_argument("--module-steps", type=int, default=None, help="per-module fine-tuning steps (separate layout)")
-    p.add_argument("--chain-batch", type=int, default=None, help="chain training batch size (default 128)")
-    p.add_argument("--prediction", choices=["epsilon", "v_prediction"], default=None,
-                   help="what the estimators output: the noise, or its velocity re-parameterisation")
-
-
-def _add_condense(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--selection", choices=["random", "one-to-one", "cluster"], default=None)
-    p.add_argument("--class-plan", choices=["pure", "mixed"], default=None)
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
-    p.add_argument("--noise-init", choices=["random", "preset"], default=None)
-    p.add_argument("--guidance", type=float, default=None,
-                   help="teacher guidance per guided chain step (default: CondenseConfig.guidance; 0 turns it off)")
-    p.add_argument("--guidance-terms", default=None,
-                   help="what guidance pulls towards, name:weight,... (default label:1,representative:1; "
-                        "server/guidance.py)")
-    p.add_argument("--guidance-steps", type=int, default=None,
-                   help="guide only the chain's last N steps (default: CondenseConfig.guidance_steps; "
-                        "0, or T and above: every step)")
-    p.add_argument("--formation", type=int, default=None,
-                   help="multi-image formation: each stored image holds FACTOR^2 chain images (IDC); default 1")
-    p.add_argument("--refine-iterations", type=int, default=None,
-                   help="refine the chain's latents by distribution matching for this many iterations (default 0)")
-    p.add_argument("--refine-lr", type=float, default=None, help="Adam learning rate of the refinement (default 0.01)")
-    p.add_argument("--ratio", type=float, default=None, help="budget as synthetic/real ratio instead of IPC")
-    p.add_argument("--max-coverage", action="store_true", help="every real latent conditions exactly one image")
-
-
-def _add_student(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student", default=None, help="convnet3 | resnet18 | mobilenet_v2 | shufflenet_v2")
-    p.add_argument("--student-steps", type=int, default=None)
-    p.add_argument("--full-epochs", type=float, default=None)
-
-
-def _add_teacher(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student-loss", default=None,
-                   help="every student arm's loss (default soft_ce:0.25,kd:1); any term but soft_ce uses the server's teacher")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps on the pooled latents")
-
-
-def _add_federation(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--local", action="store_true", help="single machine, no federation")
-    p.add_argument("--clients", type=int, default=None, help="simulated clients (default 10)")
-    p.add_argument("--alpha", type=float, default=None, help="Dirichlet alpha of the non-IID split (default 0.5)")
-    p.add_argument("--iid", action="store_true", help="IID split instead of Dirichlet")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for a round of client replies")
-    p.add_argument("--chunk-size", type=int, default=None, help="latents per sealed message")
-    p.add_argument("--target-epsilon", type=float, default=None, help="client-side DP: epsilon per image")
-    p.add_argument("--delta", type=float, default=None, help="DP delta (default 1/(10 n))")
-    p.add_argument("--clip-norm", type=float, default=None, help="latent L2 clip (default: median public norm)")
-    p.add_argument("--label-mechanism", choices=["randomized_response", "public"], default=None,
-                   help="with --target-epsilon: labels through randomized response (default), or declared public "
-                        "(the epsilon then covers latents only; the report says so in bold)")
-    p.add_argument("--label-share", type=float, default=None,
-                   help="share of --target-epsilon spent on randomized-response labels (default 0.25)")
-    p.add_argument("--deadline", type=float, default=None, help="seconds the whole collection may take")
-
-
-def demo_config(args):
-    from shared.config import DemoConfig, FederationConfig, override
-    from shared.recipe import apply_recipe
-    cfg = apply_recipe(DemoConfig(), getattr(args, "recipe", "small"))
-    data = override(cfg.data, data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed)
-    ae = override(cfg.autoencoder, steps=args.ae_steps)
-    chain = override(cfg.chain, T=args.T, layout=args.layout, shared_steps=args.chain_steps, module_steps=args.module_steps,
-                     batch_size=args.chain_batch, prediction=args.prediction)
-    cond = override(cfg.condense, selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
-                    formation=getattr(args, "formation", None), refine_iterations=getattr(args, "refine_iterations", None),
-                    refine_lr=getattr(args, "refine_lr", None),
-                    sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
-                    ratio=getattr(args, "ratio", None), guidance=getattr(args, "guidance", None),
-                    guidance_terms=getattr(args, "guidance_terms", None),
-                    guidance_steps=getattr(args, "guidance_steps", None), seed=args.seed)
-    if getattr(args, "max_coverage", False):     # every latent exactly once: claims 4 and 7's one-to-one rule
-        cond = replace(cond, max_coverage=True, ipc=None, selection=getattr(args, "selection", None) or "one-to-one")
-    student = override(cfg.student, model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),
-                       full_epochs=getattr(args, "full_epochs", None), seed=args.seed,
-                       loss=getattr(args, "student_loss", None), teacher_steps=getattr(args, "teacher_steps", None))
-    ipcs = tuple(getattr(args, "ipc", None) or cfg.ipcs)
-    baselines = tuple(b for b in cfg.baselines if not (b == "full_real" and getattr(args, "no_full", False)))
-    fed = None
-    if not getattr(args, "local", True):
-        fed = override(FederationConfig(), clients=args.clients, alpha=args.alpha, timeout=args.timeout,
-                       chunk_size=args.chunk_size, partition_seed=args.seed, iid=args.iid or None,
-                       target_epsilon=args.target_epsilon, delta=args.delta, clip_norm=args.clip_norm,
-                       label_mechanism=args.label_mechanism, label_share=args.label_share, deadline=args.deadline)
-    eval_seeds = getattr(args, "eval_seeds", None)
-    eval_seeds = cfg.eval_seeds if eval_seeds is None else eval_seeds
-    if eval_seeds < 1:
-        raise ValueError(f"--eval-seeds must be >= 1 (1: the single run), got {eval_seeds}")
-    evaluation = override(cfg.evaluation, evaluators=getattr(args, "evaluators", None),
-                          epochs=getattr(args, "eval_epochs", None))
-    protocol = getattr(args, "protocol", None) if getattr(args, "command", "") == "demo" else None
-    return replace(cfg, recipe=getattr(args, "recipe", "small"), evaluation=evaluation, protocol=protocol or cfg.protocol,
-                   data=data, autoencoder=ae, chain=chain, condense=cond,
-                   student=student, ipcs=ipcs,
-                   baselines=baselines, eval_seeds=eval_seeds, device=args.device, federation=fed,
-                   reuse_baselines=not getattr(args, "retrain_baselines", False))
+from server.options import (add_common, add_condense, add_demo_arguments, add_federation,  # noqa: E402
+                            add_student, add_teacher, demo_config)
 
 
 def cmd_demo(args) -> int:
@@ -135,7 +22,7 @@ def cmd_demo(args) -> int:
     if cfg.federation is None:
         report = run_demo(cfg, Path(args.out))
     else:
-        from server.app import run_simulation_demo
+        from server.federation.app import run_simulation_demo
         report = run_simulation_demo(cfg, Path(args.out))
     print(format_table(report))
     print(f"report: {Path(args.out) / 'report.json'}")
@@ -149,7 +36,7 @@ def cmd_pretrain(args) -> int:
     cfg = demo_config(args)
     ds = load_dataset(cfg.data)
     if args.what == "autoencoder":
-        from server.pretrain import load_or_train_autoencoder
+        from server.condense.pretrain import load_or_train_autoencoder
         *_, info = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, resolve_device(cfg.device))
     else:
         *_, info = build_models(ds, cfg, resolve_device(cfg.device))
@@ -158,7 +45,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_condense(args) -> int:
-    from server.condense import condense
+    from server.condense.chain import condense
     from server.pipeline import build_models
     from shared.data import load_dataset
     from shared.device import resolve_device
@@ -169,7 +56,7 @@ def cmd_condense(args) -> int:
     ds = load_dataset(cfg.data)
     models, pool, _ = build_models(ds, cfg, device)
     if cfg.condense.guidance:
-        from server.teacher import load_or_train_teacher
+        from server.distill.teacher import load_or_train_teacher
         models["teacher"], _ = load_or_train_teacher(models, pool.images, pool.labels, ds.num_classes, device,
                                                      cfg.student.teacher_steps)
     syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, cfg.condense, device)
@@ -180,7 +67,7 @@ def cmd_condense(args) -> int:
 
 
 def cmd_student(args) -> int:
-    from server.condense import SyntheticSet
+    from server.condense.chain import SyntheticSet
     from shared.data import load_dataset
     from shared.device import resolve_device
     cfg = demo_config(args)
@@ -188,14 +75,14 @@ def cmd_student(args) -> int:
     ds = load_dataset(cfg.data)
     device = resolve_device(cfg.device)
     if args.protocol == "standard":
-        from server.evaluate import LabelledSet, evaluate_sets
+        from server.distill.evaluate import LabelledSet, evaluate_sets
         from shared.config import EvaluationConfig, override
         ecfg = override(EvaluationConfig(), epochs=args.epochs, evaluators=args.evaluators, labels=args.labels)
         result = evaluate_sets([LabelledSet("synthetic", syn.images, syn.labels, syn.meta.get("formation", 1))],
                                ds.test, ecfg, device)
     else:
-        from server.formation import expand
-        from server.student import fit_and_score
+        from server.condense.formation import expand
+        from server.distill.student import fit_and_score
         images, labels = expand(syn.images, syn.labels, syn.meta.get("formation", 1))
         result = fit_and_score(images, labels, ds.test, cfg.student, device, loss=args.loss)
         result["protocol"] = "teacher-kd" if args.loss != "soft_ce" else "soft labels, no teacher"
@@ -204,11 +91,11 @@ def cmd_student(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from server.condense import SyntheticSet
-    from server.distill import markdown_table, run_distill, write_outputs
-    from server.teacher import load_or_train_teacher
+    from server.condense.chain import SyntheticSet
+    from server.distill.suite import markdown_table, run_distill, write_outputs
+    from server.distill.teacher import load_or_train_teacher
     from server.pipeline import build_models
-    from server.student import evaluate
+    from server.distill.student import evaluate
     from shared.data import load_dataset
     from shared.device import resolve_device
     cfg = demo_config(args)
@@ -226,7 +113,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from server.audit import run_audit
+    from server.audit.runner import run_audit
     from shared.device import resolve_device
     result = run_audit(Path(args.run_dir), resolve_device(args.device), args.shadows, args.candidates,
                        args.inverter_steps, [Path(p) for p in args.compare])
@@ -364,15 +251,25 @@ def cmd_cli_reference(args) -> int:
     return 0
 
 
+def cmd_losses(args) -> int:
+    """Every registered loss with one line: what it is and its source."""
+    from server.distill.losses import LOSSES
+    for name in LOSSES.names():
+        doc = (LOSSES[name].__doc__ or "").strip().split("\n")[0]
+        print(f"{name:16s} {doc}")
+    print("\ncompose by weight: --loss soft_ce:1,kd:0.5 (`fedcondense distill`, `demo --student-loss`)")
+    return 0
+
+
 def cmd_certs(args) -> int:
-    from server.certs import make_certificates
+    from server.federation.certs import make_certificates
     paths = make_certificates(Path(args.out), args.host, args.nodes, args.days)
     print(json.dumps(paths, indent=2))
     return 0
 
 
 def cmd_checkpoints(args) -> int:
-    from server.committed import export
+    from server.condense.export import export
     cfg = demo_config(args)
     out = export(Path(args.cache), args.name, args.recipe, cfg.data, cfg.autoencoder, cfg.chain, cfg.student.teacher_steps,
                  args.rebuild, args.trained_on)
@@ -381,7 +278,7 @@ def cmd_checkpoints(args) -> int:
 
 
 def cmd_gateway(args) -> int:
-    from server.gateway import serve
+    from server.federation.gateway import serve
     serve(args.listen, args.superlink, args.ssl_certfile, args.ssl_keyfile, args.ca)
     return 0
 
@@ -391,32 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-v) or everything (-vv)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="whole pipeline at demo scale; writes OUT/report.json")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--ipc", type=int, nargs="+", default=None, help="images per class, e.g. --ipc 1 10 50")
-    p.add_argument("--no-full", action="store_true", help="skip the full-real upper bound")
-    p.add_argument("--retrain-baselines", action="store_true",
-                   help="train the random-real and full-real students even where an identical earlier run's "
-                        "result is cached (same data, recipe, teacher, code and kernels)")
-    p.add_argument("--eval-seeds", type=int, default=None,
-                   help="condense and train each IPC arm with this many seeds and report the paired lead over "
-                        "random real images (default 1; each adds ~1.5 min at demo scale on 2 cores)")
-    p.add_argument("--protocol", choices=["standard", "teacher-kd"], default=None,
-                   help="how every arm is scored: standard (ConvNet-3 from scratch on the set alone, the field's "
-                        "protocol) or teacher-kd (students distil from the server's teacher); default: the recipe's")
-    p.add_argument("--evaluators", type=int, default=None, help="standard protocol: evaluators per set")
-    p.add_argument("--eval-epochs", type=int, default=None, help="standard protocol: evaluator epochs (default 300)")
-    for add in (_add_common, _add_condense, _add_student, _add_teacher, _add_federation):
-        add(p)
+    add_demo_arguments(p)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("pretrain", help="train (or load cached) models")
     p.add_argument("what", choices=["autoencoder", "chain"])
-    _add_common(p)
+    add_common(p)
     p.set_defaults(fn=cmd_pretrain)
     p = sub.add_parser("condense", help="make a synthetic set from the private split")
     p.add_argument("--out", required=True)
     p.add_argument("--ipc", type=int, nargs=1, default=None)
-    _add_common(p)
-    _add_condense(p)
+    add_common(p)
+    add_condense(p)
     p.set_defaults(fn=cmd_condense)
     p = sub.add_parser("student", help="train a student on a synthetic set, report test accuracy")
     p.add_argument("--synthetic", required=True, help="directory written by `condense`")
@@ -427,17 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluators", type=int, default=None, help="standard: evaluator seeds (default 5)")
     p.add_argument("--labels", choices=["hard", "soft"], default=None, help="standard: argmax or the set's own labels")
     p.add_argument("--loss", default="soft_ce", help="teacher-kd: the student's loss spec")
-    _add_common(p)
-    _add_student(p)
+    add_common(p)
+    add_student(p)
     p.set_defaults(fn=cmd_student)
     p = sub.add_parser("distill", help="students on a synthetic set for each loss (x seeds), with the server's teacher")
     p.add_argument("--synthetic", required=True, help="directory written by `condense` or `demo` (e.g. runs/demo/ipc10)")
-    p.add_argument("--loss", nargs="+", default=["soft_ce"], help="loss specs, e.g. soft_ce kd dkd soft_ce:1,kd:1")
+    p.add_argument("--loss", nargs="+", default=["soft_ce"],
+                   help="loss specs, e.g. soft_ce kd dkd soft_ce:1,kd:1; `fedcondense losses` lists every loss: soft_ce, "
+                        "kd, dkd, mi_prior, ddkd, attention, mixed, channel_sparse, channel_random, channel_maxpool")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps (default: StudentConfig)")
     p.add_argument("--out", default="runs/distill")
-    _add_common(p)
-    _add_student(p)
+    add_common(p)
+    add_student(p)
     p.set_defaults(fn=cmd_distill)
     p = sub.add_parser("audit", help="privacy audit of a run: membership inference, inversion, memorisation")
     p.add_argument("run_dir")
@@ -466,15 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-iterations", type=int, default=None, help="standard protocol: refined arms' iterations")
     p.add_argument("--budget-s", type=float, default=None,
                    help="standard protocol: stop starting work after this many seconds (what is cut is listed)")
-    _add_common(p)
-    _add_student(p)
-    _add_teacher(p)
+    add_common(p)
+    add_student(p)
+    add_teacher(p)
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("bench-table", help="render the README results table from a bench JSON")
     p.add_argument("results", nargs="+", help="bench JSON(s); several are merged (same machine and recipe)")
     p.add_argument("--merged-out", default=None, help="where to write the merged JSON (its PNG goes beside it)")
     p.add_argument("--readme", default=None, help="rewrite the table between the bench markers of this file")
     p.set_defaults(fn=cmd_bench_table)
+    p = sub.add_parser("losses", help="list every registered student loss (use them in --loss / --student-loss)")
+    p.set_defaults(fn=cmd_losses)
     p = sub.add_parser("cli-reference", help="print docs/cli.md (every command's help, from this parser)")
     p.set_defaults(fn=cmd_cli_reference)
     p = sub.add_parser("results-table", help="the README's results table, generated from the result JSON files")
@@ -495,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trained-on", default="", help="the machine and software that trained them")
     p.add_argument("--rebuild", default="benchmarks/gpu_standard.sh OUT DATA_DIR, then fedcondense checkpoints "
                                         "--cache <its FEDCONDENSE_CACHE> --recipe full --name full")
-    _add_common(p)
-    _add_teacher(p)
+    add_common(p)
+    add_teacher(p)
     p.set_defaults(fn=cmd_checkpoints)
     p = sub.add_parser("gateway", help="the deployment's public port: forwards the Fleet API alone to a SuperLink "
                                        "bound to 127.0.0.1 (deploy/README.md)")

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from client.encode import encode_images
-from server.baseline_cache import baseline_score
-from server.condense import SyntheticSet, condense
-from server.losses import needs_teacher, teacher_view_strength
-from server.pretrain import load_or_train_autoencoder, load_or_train_chain
-from server.evaluate import LabelledSet, evaluate_sets
-from server.formation import expand
-from server.student import evaluate, fit_and_score, one_hot
-from server.teacher import load_or_train_teacher
+from server.distill.baseline_cache import baseline_score
+from server.condense.chain import SyntheticSet, condense
+from server.distill.losses import needs_teacher, teacher_view_strength
+from server.condense.pretrain import load_or_train_autoencoder, load_or_train_chain
+from server.distill.evaluate import LabelledSet, evaluate_sets
+from server.condense.formation import expand
+from server.distill.student import evaluate, fit_and_score, one_hot
+from server.distill.teacher import load_or_train_teacher
 from shared.cache import to_jsonable
 from shared.config import DemoConfig, StudentConfig
 from shared.data import Dataset, ImageSplit, load_dataset
@@ -47,14 +47,14 @@ def chain_models(e1, dec, pool: ImageSplit, cfg: DemoConfig, device: torch.devic
 
 
 def committed_match(e1, pool: ImageSplit, ds: Dataset, noised: bool) -> dict | None:
-    """What a committed chain or teacher must match (server/committed.py), when `pool` is the whole private
+    """What a committed chain or teacher must match (server/condense/committed.py), when `pool` is the whole private
     split released without noise; None otherwise (the run trains its own)."""
     k = ds.num_classes
     whole = len(pool) == len(ds.private) and torch.equal(torch.bincount(pool.labels, minlength=k),
                                                          torch.bincount(ds.private.labels, minlength=k))
     if noised or not whole:
         return None
-    from server.baseline_cache import state_fingerprint
+    from shared.cache import state_fingerprint
     return {"e1_fingerprint": state_fingerprint(e1)}
 
 
@@ -109,7 +109,7 @@ def _score_arms(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: Studen
 
 
 def _score_standard(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: StudentConfig, device) -> dict:
-    """The field's standard protocol (server/evaluate.py): ConvNet-3 evaluators from scratch on each set alone;
+    """The field's standard protocol (server/distill/evaluate.py): ConvNet-3 evaluators from scratch on each set alone;
     the random real arm has the synthetic set's per-class counts, drawn with the student seed."""
     sets = [LabelledSet("synthetic", syn.images, syn.labels, syn.meta.get("formation", 1))]
     if "random_real" in cfg.baselines:
@@ -270,7 +270,7 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
 
 
 def reused_baselines(per_ipc: list[dict], full: dict | None) -> list[str]:
-    """The baseline arms this run reused from an earlier identical one (server/baseline_cache.py)."""
+    """The baseline arms this run reused from an earlier identical one (server/distill/baseline_cache.py)."""
     names = [f"random_real ipc{r['ipc']}" for r in per_ipc if "cached" in r.get("random_real", {})]
     names += [f"random_real ipc{r['ipc']} seed +{s}" for r in per_ipc
               for s in (r.get("over_seeds") or {}).get("random_real_reused", []) if s]

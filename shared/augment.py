@@ -5,7 +5,7 @@
   contrast x[0.5, 1.5]), crop (translation by up to 1/8 of the side, zero fill), cutout (a zeroed
   square of half the side), scale (x[1/1.2, 1.2] per axis) and rotate (+-15 degrees); parameters per
   image. Flip is left out, as for grey-scale digits and clothing. The standard evaluation protocol
-  (server/evaluate.py) and DM use it. `draw_dsa` + `apply_dsa` share one draw between two batches
+  (server/distill/evaluate.py) and DM use it. `draw_dsa` + `apply_dsa` share one draw between two batches
   (siamese: real and synthetic images augmented alike).
 - `affine`: a random affine per image (scale, rotation, translation) and horizontal flip, with a
   `strength` that scales every range (weak views for a teacher, strong for a student); the
@@ -128,16 +128,18 @@ _FAMILY_FNS = (_color, _crop, _cutout, _scale, _rotate)
 
 
 def apply_dsa(x: torch.Tensor, draw: DsaDraw) -> torch.Tensor:
-    """The drawn family with its parameters on every image (differentiable in x)."""
+    """The drawn family with its parameters on every image (differentiable in x). Every family present is
+    computed on the whole batch and selected by mask: each image's result is the same as alone, and no
+    step waits on the device to learn which images took which family."""
     u = draw.u.to(x.device, torch.float32)
+    present = draw.family.unique().tolist()
+    if len(present) == 1:
+        return _FAMILY_FNS[present[0]](x, u)
     family = draw.family.to(x.device)
     out = x
-    for f, fn in enumerate(_FAMILY_FNS):
-        sel = torch.nonzero(family == f).flatten()
-        if len(sel) == len(x):
-            return fn(x, u)
-        if len(sel):
-            out = out.index_copy(0, sel, fn(x.index_select(0, sel), u.index_select(0, sel)).to(out.dtype))
+    for f in present:
+        mask = (family == f).view(-1, *([1] * (x.dim() - 1)))
+        out = torch.where(mask, _FAMILY_FNS[f](x, u).to(x.dtype), out)
     return out
 
 

@@ -61,3 +61,15 @@ def building(path: Path):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def fingerprint(tensor) -> str:
+    """A short SHA-256 of a tensor's bytes (cache keys: the data a model was trained on)."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def state_fingerprint(module) -> str | None:
+    """A hash of a module's parameters and buffers, by name; None for no module."""
+    if module is None:
+        return None
+    return config_hash([(name, fingerprint(tensor)) for name, tensor in module.state_dict().items()])

@@ -62,10 +62,10 @@ class CondenseConfig:
     noise_init: str = "random"              # 'random' noise image | 'preset': mean of conditioning images
     clip_latent: Optional[float] = 3.0      # clip predicted z_0 to [-r, r] while sampling (unit-variance latents)
     guidance: float = 0.05                  # teacher guidance per guided step on z_0 (RMS, latent units); 0: off
-    guidance_terms: str = "label:1,representative:1"   # what guidance pulls towards (server/guidance.py)
+    guidance_terms: str = "label:1,representative:1"   # what guidance pulls towards (server/condense/guidance.py)
     guidance_steps: int = 10                # guide only the chain's last N steps; 0 or >= T: every step
-    formation: int = 1                      # multi-image formation (server/formation.py): factor^2 chain images per stored image
-    refine_iterations: int = 0              # latent distribution matching after the chain (server/refine.py); 0: off
+    formation: int = 1                      # multi-image formation (server/condense/formation.py): factor^2 chain images per stored image
+    refine_iterations: int = 0              # latent distribution matching after the chain (server/condense/refine.py); 0: off
     refine_lr: float = 0.01                 # Adam on the chain's latents
     refine_real_per_class: int = 6000       # decoded pool latents per class that the refinement matches
     refine_real_batch: int = 256            # real images per class and iteration (DM's 256)
@@ -84,8 +84,8 @@ class StudentConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: str = "affine"                 # shared/augment.py: 'affine' | 'dsa' | 'none'
-    loss: str = "soft_ce:0.25,kd:1"         # loss spec (server/losses.py); any term but soft_ce uses the teacher
-    teacher_steps: int = 300                # the server's teacher, trained on the pooled latents (server/teacher.py)
+    loss: str = "soft_ce:0.25,kd:1"         # loss spec (server/distill/losses.py); any term but soft_ce uses the teacher
+    teacher_steps: int = 300                # the server's teacher, trained on the pooled latents (server/distill/teacher.py)
     teacher_strength: Optional[float] = None  # teacher's augmentation relative to the student's; None: the loss decides
     full_epochs: float = 0.3                # the full-real upper bound trains by epochs (0.3 ~ 63 steps at demo scale)
     seed: int = 0
@@ -145,9 +145,9 @@ class DemoConfig:
     baselines: tuple[str, ...] = ("random_real", "full_real")
     eval_seeds: int = 1                     # per IPC: seeds 0..n-1 added to the condense/student seeds (paired stats)
     recipe: str = "small"                   # the recipe these values came from (shared/recipe.py)
-    protocol: str = "teacher-kd"            # how arms are scored: 'standard' (server/evaluate.py) | 'teacher-kd' (students distil from the teacher)
+    protocol: str = "teacher-kd"            # how arms are scored: 'standard' (server/distill/evaluate.py) | 'teacher-kd' (students distil from the teacher)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    reuse_baselines: bool = True            # reuse a baseline student whose inputs, code and kernels match (server/baseline_cache.py)
+    reuse_baselines: bool = True            # reuse a baseline student whose inputs, code and kernels match (server/distill/baseline_cache.py)
     device: str = "auto"
 
 

@@ -1,7 +1,7 @@
 """Every field that leaves a device, with the type the server accepts and how the ledger covers it.
 
 The device's reply (client/app.py) holds exactly these records and fields; the server's intake
-(server/federation.py) rejects anything else, and the privacy ledger (server/ledger.py) prints this
+(server/federation/collect.py) rejects anything else, and the privacy ledger (server/federation/ledger.py) prints this
 table, so a field cannot leave a device without a ledger entry (tests/test_release_schema.py).
 
 Coverage classes:

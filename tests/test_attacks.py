@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server import attacks
-from server.student import train_student
+from server.audit import attacks
+from server.distill.student import train_student
 from shared.config import DataConfig, StudentConfig
 from shared.data import load_dataset
 
@@ -53,7 +53,7 @@ def test_ssim_and_psnr_sanity():
 def test_an_audit_finds_the_runs_checkpoints_after_the_cache_moved(tmp_path, monkeypatch):
     """report.json records absolute checkpoint paths; audited on another machine (or after the cache moved),
     each is found by name in FEDCONDENSE_CACHE, and a missing one is an error that says where to put it."""
-    from server.audit import run_checkpoint
+    from server.audit.runner import run_checkpoint
     (tmp_path / "here" / "chain-abc").mkdir(parents=True)
     (tmp_path / "gone-too" / "teacher-def").mkdir(parents=True)
     monkeypatch.setenv("FEDCONDENSE_CACHE", str(tmp_path / "here"))

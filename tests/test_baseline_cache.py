@@ -1,4 +1,4 @@
-"""Reused baseline students (server/baseline_cache.py): reused only when every input matches, and what
+"""Reused baseline students (server/distill/baseline_cache.py): reused only when every input matches, and what
 is reused is what training gives."""
 import json
 import shutil
@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import torch
 
-from server.baseline_cache import baseline_key, baseline_score, code_fingerprint
-from server.student import one_hot
+from server.distill.baseline_cache import baseline_key, baseline_score, code_fingerprint
+from server.distill.student import one_hot
 from shared.config import StudentConfig
 from shared.data import ImageSplit
 
@@ -70,7 +70,7 @@ def test_the_code_fingerprint_changes_with_any_source_file(tmp_path):
     shutil.copytree(next(iter(server.__path__)), root, ignore=shutil.ignore_patterns("__pycache__"))
     before = code_fingerprint([root])
     assert code_fingerprint([root]) == before
-    student = root / "student.py"
+    student = root / "distill" / "student.py"
     student.write_text(student.read_text() + "\n# a changed recipe\n")
     assert code_fingerprint([root]) != before
 
@@ -78,8 +78,9 @@ def test_the_code_fingerprint_changes_with_any_source_file(tmp_path):
 def test_retrain_baselines_reaches_the_config_from_the_cli_and_the_run_config():
     import tomllib
 
-    from server.app import config_from_run_config
-    from server.cli import build_parser, demo_config
+    from server.federation.app import config_from_run_config
+    from server.cli import build_parser
+    from server.options import demo_config
     from shared.config import DemoConfig
     parse = build_parser().parse_args
     assert DemoConfig().reuse_baselines and demo_config(parse(["demo"])).reuse_baselines

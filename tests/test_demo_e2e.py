@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.cli import main
-from server.condense import SyntheticSet
+from server.condense.chain import SyntheticSet
 from shared.config import StudentConfig
 
 TINY = ["--local", "--train-limit", "1500", "--test-limit", "500", "--T", "5", "--ae-steps", "30", "--chain-steps", "40",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.certs import make_certificates
+from server.federation.certs import make_certificates
 from shared.config import DataConfig
 from shared.data import stored_splits
 from tests.flower_cluster import BIN, REPO, Cluster

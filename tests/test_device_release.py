@@ -12,9 +12,9 @@ from flwr.app import ConfigRecord
 from client.encode import encode_images
 from client.policy import PolicyRefusal, encoder_sha256
 from client.privacy import clip_latents
-from server.federation import check_reply, collect, request
-from server.ledger import build_ledger
-from server.pool import LatentPool
+from server.federation.collect import check_reply, collect, request
+from server.federation.ledger import build_ledger
+from server.federation.pool import LatentPool
 from shared.accounting import ImageRelease, calibrate
 from shared.config import DemoConfig
 from shared.data import stored_splits

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from client.encode import encode_images
-from server.student import evaluate, train_student
-from server.teacher import train_teacher
+from server.distill.student import evaluate, train_student
+from server.distill.teacher import train_teacher
 from shared.augment import random_affine
 from shared.config import DataConfig, StudentConfig
 from shared.data import load_dataset
@@ -81,7 +81,7 @@ def test_weak_view_is_the_same_transform_at_lower_strength():
 
 
 def test_only_teacher_based_loss_specs_train_a_teacher():
-    from server.losses import needs_teacher
+    from server.distill.losses import needs_teacher
     assert not needs_teacher("soft_ce") and not needs_teacher("soft_ce:2")
     assert needs_teacher("soft_ce:1,kd:1") and needs_teacher("dkd") and needs_teacher("channel_sparse")
     with pytest.raises(KeyError, match="unknown loss"):
@@ -108,7 +108,7 @@ def test_a_teacher_the_loss_never_consults_is_ignored(setup):
 
 def test_teacher_view_follows_the_loss_unless_set():
     """Plain KD labels the student's own view; docs/spec.md §2's MI loss asks for a weak one; an override wins."""
-    from server.losses import teacher_view_strength
+    from server.distill.losses import teacher_view_strength
     assert teacher_view_strength("soft_ce:0.25,kd:1") == 1.0 and teacher_view_strength("dkd") == 1.0
     assert teacher_view_strength("soft_ce:1,mi_prior:1") == 0.5
     assert teacher_view_strength("kd", 0.3) == 0.3
@@ -119,7 +119,7 @@ def test_teacher_view_follows_the_loss_unless_set():
 @pytest.mark.parametrize("spec, same_view", [("soft_ce:0.25,kd:1", True), ("soft_ce:1,mi_prior:1", False)])
 def test_teacher_sees_the_view_its_loss_asks_for(setup, spec, same_view, monkeypatch):
     """What reaches the teacher in training: the student's exact input for KD, a different one for MI."""
-    import server.student as student_module
+    import server.distill.student as student_module
     ds, teacher = setup
     seen, hooks = {}, []
     record = lambda key: (lambda module, args: seen.__setitem__(key, args[0].detach().clone()))

@@ -45,8 +45,8 @@ def test_simulated_federation_pools_every_client(tmp_path):
 
 def test_a_new_simulation_never_merges_an_earlier_pool(tmp_path):
     """Simulated node ids change every run: an earlier run's pool must be cleared, not merged."""
-    from server.app import clear_earlier_simulation
-    from server.pool import LatentPool
+    from server.federation.app import clear_earlier_simulation
+    from server.federation.pool import LatentPool
     pool = LatentPool(tmp_path / "pool")
     pool.stage(11, 0, torch.zeros(3, 4, 8, 8), torch.zeros(3, dtype=torch.long))
     pool.commit(11, 1, {})

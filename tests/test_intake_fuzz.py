@@ -6,8 +6,8 @@ import time
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from server.federation import collect
-from server.pool import LatentPool
+from server.federation.collect import collect
+from server.federation.pool import LatentPool
 from tests.scripted_grid import DATA, Node, ScriptedGrid, fed_config, no_dp, tiny_encoder
 
 HONEST, EVIL = 11, 22

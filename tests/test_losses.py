@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.channel_matching import (channel_distances, grouped_assignment, sparse_assignment, target_maxpool,
+from server.distill.channel_matching import (channel_distances, grouped_assignment, sparse_assignment, target_maxpool,
                                      teacher_group_order)
-import server.ddkd  # noqa: F401  (registers ddkd)
-from server.losses import LOSSES, KD, LossInputs, MutualInformationPrior, build_losses, dkd_parts
+import server.distill.ddkd  # noqa: F401  (registers ddkd)
+from server.distill.losses import LOSSES, KD, LossInputs, MutualInformationPrior, build_losses, dkd_parts
 from shared.models.distill_points import FeatureTap
 from shared.models.students import build_student
 
@@ -125,7 +125,7 @@ def test_distillation_points_capture_pre_activation(name):
 
 def test_mixed_feature_term_stays_bounded_on_a_flat_student_map():
     """A spatially flat student feature map (early training) must not blow the gradient up."""
-    from server.losses import MixedKD
+    from server.distill.losses import MixedKD
     fs = (torch.ones(4, 8, 8, 8) + 1e-7 * torch.randn(4, 8, 8, 8)).requires_grad_(True)
     ft = torch.rand(4, 16, 4, 4)
     logits = torch.randn(4, K, requires_grad=True)
@@ -135,8 +135,8 @@ def test_mixed_feature_term_stays_bounded_on_a_flat_student_map():
 
 
 def test_a_diverging_loss_stops_training_with_a_clear_error():
-    from server.losses import LOSSES
-    from server.student import train_student
+    from server.distill.losses import LOSSES
+    from server.distill.student import train_student
     from shared.config import StudentConfig
     if "nan_for_test" not in LOSSES:
         @LOSSES.register("nan_for_test")
@@ -168,7 +168,7 @@ def test_attention_terms_have_bounded_gradients_at_initialisation(name):
 
 def test_small_batches_train_at_a_sqrt_scaled_learning_rate(monkeypatch):
     """The IPC-1 recipe (batch 10) runs at lr * sqrt(10 / 100); batches at or above the reference keep lr."""
-    from server import student
+    from server.distill import student
     from shared.config import StudentConfig
     cfg = StudentConfig(lr=0.02, lr_reference_batch=100)
     assert student.student_lr(cfg, 100) == student.student_lr(cfg, 256) == 0.02

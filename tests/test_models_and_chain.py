@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.condense import SyntheticSet, condense
+from server.condense.chain import SyntheticSet, condense
 from shared.config import CondenseConfig
 from shared.models.noise_estimators import NoiseEstimators, make_scheduler
 
@@ -23,7 +23,7 @@ def test_decoder_finetuning_keeps_the_first_encoder_and_lowers_reconstruction_er
     """The decoder-only stage after joint training: E1 (hence every latent) is bit-identical with or
     without it, and the decoder reconstructs held-out images better."""
     import torch.nn.functional as F
-    from server.pretrain import train_autoencoder
+    from server.condense.pretrain import train_autoencoder
     from shared.config import AutoencoderConfig
     g = torch.Generator().manual_seed(0)
     prototypes = torch.rand(8, 1, 32, 32, generator=g) * 2 - 1         # 8 patterns, 40 noisy copies each
@@ -62,7 +62,7 @@ def test_scheduler_visits_every_step_once():
 
 
 def _teacher(models):
-    from server.teacher import Teacher
+    from server.distill.teacher import Teacher
     torch.manual_seed(0)
     return Teacher(models["first_encoder"], models["second_encoder"], 4).eval()
 
@@ -111,7 +111,7 @@ def test_guidance_steps_guide_only_the_chains_last_steps(tiny_models):
     """`guidance_steps` N: the guide is called at the last N steps only (t = N-1 .. 0); N = T, or
     above it (the default 10 on a shorter chain), is every step, bit for bit the same as 0;
     a negative N is refused."""
-    from server.condense import run_chain
+    from server.condense.chain import run_chain
     chain_cfg, models = tiny_models
     cond = torch.randn(3, chain_cfg.T, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 
@@ -170,7 +170,7 @@ def test_condense_manifest_and_roundtrip(tiny_models, tmp_path):
 
 def test_each_step_is_conditioned_on_its_own_latent(tiny_models):
     """Changing the latent bound to one estimator changes the output (the condition is used)."""
-    from server.condense import run_chain
+    from server.condense.chain import run_chain
     chain_cfg, m = tiny_models
     cond = torch.randn(1, 4, 4, 8, 8)
     cfg = CondenseConfig(guidance=0.0)
@@ -213,7 +213,7 @@ def test_chain_reads_the_estimators_output_as_configured(tiny_models, prediction
     """With perfect estimators the DDIM chain lands on their z_0, for either output type: the sampler
     interprets the estimators' output the way training defined it (a mismatch lands elsewhere)."""
     from dataclasses import replace
-    from server.condense import run_chain
+    from server.condense.chain import run_chain
     chain_cfg, m = tiny_models
     chain_cfg = replace(chain_cfg, prediction=prediction)
     z0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-2.5, 2.5)
@@ -236,7 +236,7 @@ def test_concurrent_runs_build_a_shared_checkpoint_once(tmp_path, monkeypatch, c
     both trained it and raced to rename the same temporary folder."""
     import threading
     import time
-    import server.pretrain as pretrain
+    import server.condense.pretrain as pretrain
     from shared.config import AutoencoderConfig
     monkeypatch.setenv("FEDCONDENSE_CACHE", str(tmp_path))
     train = pretrain.train_autoencoder
@@ -261,7 +261,7 @@ def test_a_moved_cache_still_loads_its_separate_chain(tmp_path, monkeypatch):
     """A `separate` chain entry names the shared entry holding its E2 by name, not by absolute path: a
     cache moved (or copied onto another machine) loads the same weights and trains nothing."""
     import shutil
-    import server.pretrain as pretrain
+    import server.condense.pretrain as pretrain
     from shared.config import ChainConfig
     old, new = tmp_path / "old", tmp_path / "new"
     monkeypatch.setenv("FEDCONDENSE_CACHE", str(old))
@@ -289,7 +289,7 @@ def test_separate_modules_do_not_depend_on_what_the_process_ran_before(tmp_path,
     run, or one with other module steps) it builds the checkpoint that a cold run, training both in one
     go, builds, rather than drawing from wherever the global generator stood."""
     import shutil
-    import server.pretrain as pretrain
+    import server.condense.pretrain as pretrain
     from shared.config import ChainConfig
     monkeypatch.setenv("FEDCONDENSE_CACHE", str(tmp_path))
     latents = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from server.selection import plan_and_select, soft_labels
+from server.condense.selection import plan_and_select, soft_labels
 from shared.config import CondenseConfig, StudentConfig
 
 LABELS = np.repeat(np.arange(10), 60)          # 600 latents, 60 per class
@@ -160,7 +160,7 @@ def _reference_capacitated_nearest(dist, T):
 def test_cluster_rule_helpers_match_the_plain_greedy_bit_for_bit(n, k, T, decimals):
     """The screened greedy and blocked distances pick exactly what the plain loops picked,
     with spare points, with too few (reuse), and with tied distances (rounded duplicates)."""
-    from server.selection import _capacitated_nearest, _kmeans_pp
+    from server.condense.selection import _capacitated_nearest, _kmeans_pp
     x = np.random.default_rng(n).standard_normal((n, 16)).round(decimals)
     centres = _kmeans_pp(x, k, np.random.default_rng(3))
     np.testing.assert_array_equal(centres, _reference_kmeans_pp(x, k, np.random.default_rng(3)))
@@ -214,7 +214,7 @@ def test_flower_run_config_sets_guidance_including_off():
     default', as 0 means for other keys); -1, the pyproject value, keeps the default; the pyproject lists both."""
     import tomllib
     from pathlib import Path
-    from server.app import config_from_run_config
+    from server.federation.app import config_from_run_config
     shipped = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert config_from_run_config(shipped)[0].condense.guidance == CondenseConfig().guidance
     assert config_from_run_config({**shipped, "guidance": 0})[0].condense.guidance == 0.0

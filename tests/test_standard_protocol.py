@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.coresets import herding, k_center
-from server.evaluate import LabelledSet, evaluate_sets
-from server.formation import expand, form
-from server.matching import match, pixel_set
+from server.distill.evaluate import LabelledSet, evaluate_sets
+from server.condense.formation import expand, form
+from server.condense.matching import match, pixel_set
 from shared.augment import DSA_FAMILIES, apply_dsa, draw_dsa
 from shared.config import DataConfig, EvaluationConfig
 from shared.data import load_dataset
@@ -124,8 +124,8 @@ def test_recipes_inherit_and_refuse_unknown_keys(tmp_path):
 
 def test_committed_checkpoints_are_checked_before_use(tmp_path, monkeypatch):
     """The committed full-recipe autoencoder installs only on an exact match, and a tampered file is refused."""
-    import server.committed as committed
-    from server.pretrain import fingerprint
+    import server.condense.committed as committed
+    from shared.cache import fingerprint
     from shared.cache import to_jsonable
     from shared.config import AutoencoderConfig
     from shared.recipe import apply_recipe

@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from server.committed import install
-from server.pretrain import fingerprint
-from shared.cache import building, cache_dir
+from server.condense.committed import install
+from shared.cache import building, cache_dir, fingerprint
 from shared.models.first_encoder import FirstEncoder
 from shared.models.second_encoder import SecondEncoder
 from shared.device import autocast, cpu_bf16_key
@@ -72,7 +71,7 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
 
 def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
                           device: torch.device, steps: int, committed: dict | None = None) -> tuple[Teacher, dict]:
-    """`committed`: as for the chain (server/committed.py), for a pool that is the clean private split."""
+    """`committed`: as for the chain (server/condense/committed.py), for a pool that is the clean private split."""
     e2_fingerprint = fingerprint(torch.cat([p.flatten() for p in models["second_encoder"].parameters()]))
     path = cache_dir("teacher", fingerprint(latents), fingerprint(labels.float()), steps, e2_fingerprint,
                      *cpu_bf16_key(device))

@@ -1,5 +1,5 @@
 """Teacher guidance for the chain: the terms, and the direction they give (an extension beyond docs/spec.md §1;
-see server/condense.py for how the chain applies it).
+see server/condense/chain.py for how the chain applies it).
 
 Each term is an objective of a step's z_0 estimate, read through the server's teacher (E2 tokens, then
 its head). The direction is the weighted sum of the terms' gradients with respect to z_0, each scaled to

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from torchvision.models.resnet import Bottleneck
 
-from server.losses import LOSSES, LossInputs
+from server.distill.registry import LOSSES, LossInputs
 
 
 class LightDiffusion(nn.Module):
@@ -30,6 +30,11 @@ class LightDiffusion(nn.Module):
 
 @LOSSES.register("ddkd")
 class DDKD(nn.Module):
+    """Diffusion-denoised KD (docs/spec.md §3): a light diffusion model denoises student features, 5 DDIM steps.
+
+    Teacher features pass through an autoencoder; the student's projected features are denoised towards its
+    latent with adaptive noise matching."""
+
     def __init__(self, num_classes: int, student_channels: int = 0, teacher_channels: int = 0,
                  latent_channels: int = 32, steps: int = 5, weights=(1.0, 1.0, 1.0), **_):
         super().__init__()

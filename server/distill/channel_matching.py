@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from server.losses import LOSSES, LossInputs
+from server.distill.registry import LOSSES, LossInputs
 from shared.registry import Registry
 
 MATCH_RULES: Registry = Registry("channel matching rule")
@@ -94,5 +94,17 @@ class ChannelMatching(nn.Module):
         return F.mse_loss(fs, self.rule(fs, ft).detach())
 
 
-for _rule in ("sparse", "random", "maxpool"):
-    LOSSES.register(f"channel_{_rule}")(lambda num_classes, _r=_rule, **ctx: ChannelMatching(num_classes, _r))
+RULE_DOCS = {"sparse": "one teacher channel per student channel (Hungarian matching on channel distances)",
+             "random": "a random teacher channel of each student channel's matched group",
+             "maxpool": "the element-wise max over each student channel's matched group of teacher channels"}
+
+
+def _channel_loss(rule: str):
+    def make(num_classes, **ctx):
+        return ChannelMatching(num_classes, rule)
+    make.__doc__ = f"Channel matching at the distillation point (docs/spec.md §5), rule '{rule}': {RULE_DOCS[rule]}."
+    return make
+
+
+for _rule in RULE_DOCS:
+    LOSSES.register(f"channel_{_rule}")(_channel_loss(_rule))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from server.condense import SyntheticSet
-from server.student import fit_and_score
-from server.teacher import Teacher
+from server.condense.chain import SyntheticSet
+from server.distill.student import fit_and_score
+from server.distill.teacher import Teacher
 from shared.config import DemoConfig
 
 

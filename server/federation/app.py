@@ -15,10 +15,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.federation import collect
-from server.ledger import build_ledger, write_ledger
+from server.federation.collect import collect
+from server.federation.ledger import build_ledger, write_ledger
 from server.pipeline import canonical_pool, condense_and_evaluate, prepare_server
-from server.pool import LatentPool
+from server.federation.pool import LatentPool
 from shared.accounting import ImageRelease, calibrate, default_delta
 from shared.config import DemoConfig, FederationConfig
 from shared.data import ImageSplit
@@ -74,8 +74,8 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
     unknown = set(run_config) - known
     if unknown:
         raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")
-    from server.cli import build_parser, demo_config
-    argv = ["demo", "--out", str(run_config.get("out", "runs/federated"))]
+    from server.options import demo_config, demo_parser
+    argv = ["--out", str(run_config.get("out", "runs/federated"))]
     for key, value in run_config.items():
         if key == "out" or _means_typed_default(key, value):
             continue
@@ -83,7 +83,7 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
             argv += [f"--{key}"] if value else []
         else:
             argv += [f"--{key}", str(value)]
-    args = build_parser().parse_args(argv)
+    args = demo_parser().parse_args(argv)
     return demo_config(args), Path(args.out)
 
 

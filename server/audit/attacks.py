@@ -1,5 +1,5 @@
 """Privacy attacks an auditor can rerun: membership inference, latent inversion,
-memorisation distances. Each returns plain numbers; `server/audit.py` draws and reports them."""
+memorisation distances. Each returns plain numbers; `server/audit/runner.py` draws and reports them."""
 from __future__ import annotations
 
 import numpy as np

@@ -3,7 +3,7 @@ docs/spec.md §1; `CondenseConfig.refine_iterations`).
 
 The chain's final latents z are the starting point; they are optimised so that the decoded images
 D(z) match, class by class, the distribution of the pool under random ConvNet embeddings (distribution
-matching, server/matching.py), as GLaD (Cazenavette et al., CVPR 2023) and LD3M optimise a generator's
+matching, server/condense/matching.py), as GLaD (Cazenavette et al., CVPR 2023) and LD3M optimise a generator's
 latents. The decoder stays frozen. The "real" side is the pool itself, decoded: the server never holds
 pixels, so the refinement is post-processing of the released latents and spends no privacy. With
 multi-image formation the matched images are the tiles as the evaluator will see them (shrunk to
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from server.matching import Parameterisation, match
+from server.condense.matching import Parameterisation, match
 
 
 @torch.no_grad()

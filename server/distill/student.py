@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from server.losses import LossInputs, build_losses, needs_teacher, teacher_view_strength
+from server.distill.losses import LossInputs, build_losses, needs_teacher, teacher_view_strength
 from shared.augment import AUGMENTATIONS
 from shared.config import StudentConfig
 from shared.device import autocast

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from client.privacy import gaussian_mechanism
-from server import attacks
-from server.condense import SyntheticSet, condense, save_grid
-from server.pretrain import load_chain
-from server.student import train_student
-from server.teacher import load_teacher
+from server.audit import attacks
+from server.condense.chain import SyntheticSet, condense, save_grid
+from server.condense.pretrain import load_chain
+from server.distill.student import train_student
+from server.distill.teacher import load_teacher
 from shared.accounting import default_delta, noise_for_epsilon
 from shared.cache import cache_root
 from shared.config import ChainConfig, CondenseConfig, DataConfig, StudentConfig
@@ -195,6 +195,6 @@ def run_audit(run: Path, device: torch.device, shadows: int = 4, candidates: int
               "memorisation": memorisation(ctx, figures),
               "privacy_utility": utility_curve(Path(run), list(compare))}
     result["seconds"] = time.time() - start
-    from server.audit_report import write_report
+    from server.audit.report import write_report
     write_report(result, figures)
     return result

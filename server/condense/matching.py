@@ -9,7 +9,7 @@ What is optimised is a `Parameterisation`:
   normalised pixel units, which is (2 sigma)^2 = 0.5 in our [-1, 1] units (x = 2 sigma x_norm + c,
   sigma = 0.353 for Fashion-MNIST; the instance-normed ConvNet is near-invariant to the input scale);
 - the chain's final latents through the frozen decoder, as GLaD (Cazenavette et al., CVPR 2023) and
-  LD3M optimise a generator's latents (server/refine.py).
+  LD3M optimise a generator's latents (server/condense/refine.py).
 Several sets (seeds, IPCs, variants) run in one loop, sharing each iteration's network and real
 batch; each set follows DM's update exactly, and the seeds' sets are correlated through those draws.
 """

@@ -6,36 +6,12 @@ trained with the student. `--loss soft_ce:1,kd:0.5` composes terms by weight.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.registry import Registry
-
-LOSSES: Registry = Registry("loss")
-
-
-@dataclass
-class LossInputs:
-    student_logits: torch.Tensor
-    targets: torch.Tensor                          # soft labels (B, K), rows sum to 1
-    teacher_logits: torch.Tensor | None = None
-    student_features: torch.Tensor | None = None   # (B, n, H, W) at the distillation point
-    teacher_features: torch.Tensor | None = None   # (B, m, H, W), same H, W
-    extras: dict = field(default_factory=dict)
-
-    def need_teacher(self, name: str) -> torch.Tensor:
-        if self.teacher_logits is None:
-            raise ValueError(f"loss '{name}' needs a teacher: pass --teacher (see `fedcondense distill --help`)")
-        return self.teacher_logits
-
-    def need_features(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.student_features is None or self.teacher_features is None:
-            raise ValueError(f"loss '{name}' needs student and teacher features at a distillation point")
-        return self.student_features, self.teacher_features
-
+from server.distill import channel_matching, ddkd  # noqa: F401  (their entries register on import)
+from server.distill.registry import LOSSES, LossInputs
 
 def kl_div(teacher_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
     """Batch-mean KL(teacher || student)."""
@@ -84,7 +60,7 @@ def dkd_parts(student_logits, teacher_logits, target, temperature):
 
 @LOSSES.register("dkd")
 class DKD(nn.Module):
-    """alpha * TCKD + beta * NCKD; the target class is the soft label's argmax."""
+    """Decoupled KD (Zhao et al., CVPR 2022; docs/spec.md §3): alpha * TCKD + beta * NCKD, target = label argmax."""
 
     def __init__(self, num_classes: int, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, **_):
         super().__init__()
@@ -187,7 +163,6 @@ class MixedKD(nn.Module):
 def build_losses(spec: str, num_classes: int, **context) -> list[tuple[nn.Module, float]]:
     """'soft_ce' or 'soft_ce:1,kd:0.5' -> [(loss module, weight)]; `context` (feature channel counts)
     goes to every factory."""
-    _register_extensions()
     return [(LOSSES[name](num_classes, **context), w) for name, w in parse_loss_spec(spec)]
 
 
@@ -202,15 +177,8 @@ def teacher_view_strength(spec: str, override: float | None = None) -> float:
     return min((getattr(LOSSES[name], "teacher_view", 1.0) for name, _ in parse_loss_spec(spec)), default=1.0)
 
 
-def _register_extensions() -> None:
-    """Losses defined in their own modules register on import."""
-    import server.channel_matching  # noqa: F401
-    import server.ddkd  # noqa: F401
-
-
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
     """Names and weights, checked against the registry (raises with the valid names)."""
-    _register_extensions()
     return LOSSES.parse(spec)
 
 

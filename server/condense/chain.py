@@ -15,7 +15,7 @@ a_bar_T is tiny, so the start is almost pure noise either way.
 **Extension beyond docs/spec.md §1 (guidance; the default):** `cfg.guidance` > 0 adds
 guidance from the server's teacher (E1 -> E2 -> head, trained on the same pooled latents). After each
 estimator's step, the step's z_0 estimate moves `guidance` (RMS, latent units) along the direction of
-`cfg.guidance_terms` (server/guidance.py): up the teacher's log-probability of the image's soft label y,
+`cfg.guidance_terms` (server/condense/guidance.py): up the teacher's log-probability of the image's soft label y,
 and towards the teacher's mean tokens of the image's own T conditioning latents. z_{t-1} moves with it
 by z_0's coefficient in the sampler's update; `cfg.guidance_steps` N > 0 guides only the last N steps
 (a chain of N steps or fewer is guided throughout; defaults in shared/config.py). This
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.guidance import parse_guidance_terms, teacher_guidance
-from server.selection import plan_and_select, soft_labels
+from server.condense.guidance import parse_guidance_terms, teacher_guidance
+from server.condense.selection import plan_and_select, soft_labels
 from shared.cache import to_jsonable
 from shared.config import ChainConfig, CondenseConfig
 from shared.models.first_encoder import Decoder, FirstEncoder
@@ -97,7 +97,7 @@ def run_chain(cond_latents: torch.Tensor, first_encoder: FirstEncoder, second_en
               generator: torch.Generator, guide: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cond_latents (B, T, c, s, s) -> (images (B, C, S, S), final latents (B, c, s, s)).
 
-    `guide`: z_0 estimate -> direction (server/guidance.py: `teacher_guidance`), applied with weight `cfg.guidance`."""
+    `guide`: z_0 estimate -> direction (server/condense/guidance.py: `teacher_guidance`), applied with weight `cfg.guidance`."""
     device = cond_latents.device
     B, T = cond_latents.shape[:2]
     sched = make_scheduler(T, chain_cfg.beta_schedule, cfg.sampler, cfg.clip_latent, chain_cfg.prediction)
@@ -135,7 +135,7 @@ def _z0_coefficient(sched, t: int, sampler: str) -> float:
 def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num_classes: int,
              models: dict, chain_cfg: ChainConfig, cfg: CondenseConfig, device: torch.device) -> SyntheticSet:
     """Plan, select, run the chain batch by batch, label; then, where `cfg` asks, refine the chain's
-    latents (server/refine.py) and form factor^2 chain images into each stored image (server/formation.py).
+    latents (server/condense/refine.py) and form factor^2 chain images into each stored image (server/condense/formation.py).
     Deterministic for `cfg.seed`."""
     start = time.time()
     if cfg.formation < 1 or (cfg.formation > 1 and cfg.ipc is None):
@@ -151,8 +151,8 @@ def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num
 
 def refined(syn: SyntheticSet | list[SyntheticSet], latents, labels, num_classes: int, decoder, cfg: CondenseConfig,
             device, time_limit: float = float("inf")):
-    """Chain sets (one, or several refined in one loop) with their latents refined (server/refine.py)."""
-    from server.refine import refine_latents
+    """Chain sets (one, or several refined in one loop) with their latents refined (server/condense/refine.py)."""
+    from server.condense.refine import refine_latents
     many = isinstance(syn, list)
     sets = syn if many else [syn]
     out = refine_latents([s.latents for s in sets], [s.labels.argmax(1) for s in sets], decoder, latents, labels,
@@ -174,7 +174,7 @@ def formed(syn: SyntheticSet, factor: int) -> SyntheticSet:
     Latents and conditioning stay per tile (factor^2 rows per stored image)."""
     if factor == 1:
         return syn
-    from server.formation import form
+    from server.condense.formation import form
     order = torch.argsort(syn.labels.argmax(1), stable=True)          # tiles of one stored image share a class
     labels = syn.labels[order].view(-1, factor ** 2, syn.labels.shape[1]).mean(1)
     return SyntheticSet(form(syn.images[order], factor), labels, syn.latents[order], syn.conditioning[order],
@@ -220,5 +220,5 @@ def _guidance_teacher(models: dict, cfg: CondenseConfig, T: int):
     parse_guidance_terms(cfg.guidance_terms)
     if models.get("teacher") is None:
         raise ValueError(f"guidance {cfg.guidance} needs the server's teacher in models['teacher'] "
-                         "(server.teacher.load_or_train_teacher); pass one, or set guidance 0 (--guidance 0)")
+                         "(server.distill.teacher.load_or_train_teacher); pass one, or set guidance 0 (--guidance 0)")
     return models["teacher"]

@@ -5,7 +5,6 @@ of the SAME image and predicts eps. Checkpoints are cached by a hash of config +
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import replace
@@ -14,18 +13,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from server.committed import install
-from shared.cache import building, cache_dir, to_jsonable
+from server.condense.committed import install
+from shared.cache import building, cache_dir, fingerprint, to_jsonable
 from shared.config import AutoencoderConfig, ChainConfig
 from shared.device import autocast, cpu_bf16_key
 from shared.models.first_encoder import Decoder, FirstEncoder
 from shared.models.noise_estimators import NoiseEstimators, make_scheduler
 from shared.models.second_encoder import SecondEncoder
 from shared.progress import progress
-
-
-def fingerprint(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _batches(n: int, batch_size: int, steps: int, seed: int):
@@ -214,7 +209,7 @@ def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.d
                         committed: dict | None = None) -> tuple[SecondEncoder, NoiseEstimators, dict]:
     """Trains (or loads) the shared estimator, then the separate modules when asked for. `committed`
     ({'e1_fingerprint': ...}, only for a pool that is the clean private split) lets a committed
-    checkpoint of the same config stand in for training (server/committed.py)."""
+    checkpoint of the same config stand in for training (server/condense/committed.py)."""
     start, key, used = time.time(), fingerprint(latents), None
     shared_cfg = replace(cfg, layout="shared", module_steps=0)
     shared_path = cache_dir("chain", shared_cfg, key)

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from client.policy import encoder_sha256
-from server.pool import LatentPool
+from server.federation.pool import LatentPool
 from shared.accounting import ImageRelease
 from shared.config import DataConfig, FederationConfig
 from shared.models.first_encoder import FirstEncoder

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from server.losses import needs_teacher
-from server.pretrain import fingerprint
-from server.student import fit_and_score
-from shared.cache import building, cache_dir, config_hash, to_jsonable
+from server.distill.losses import needs_teacher
+from server.distill.student import fit_and_score
+from shared.cache import building, cache_dir, config_hash, fingerprint, state_fingerprint, to_jsonable
 from shared.config import StudentConfig
 from shared.data import ImageSplit
 from shared.device import cpu_bf16_key, device_name
@@ -41,13 +40,6 @@ def code_fingerprint(roots: list[Path] | None = None) -> str:
             digest.update(f"{root.name}/{path.relative_to(root).as_posix()}".encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def state_fingerprint(module: torch.nn.Module | None) -> str | None:
-    """A hash of a module's parameters and buffers, by name; None for no module."""
-    if module is None:
-        return None
-    return config_hash([(name, fingerprint(tensor)) for name, tensor in module.state_dict().items()])
 
 
 def _library_versions() -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from server.formation import expand
+from server.condense.formation import expand
 from shared.augment import apply_dsa, draw_dsa
 from shared.config import EvaluationConfig
 from shared.device import autocast
@@ -25,7 +25,7 @@ from shared.progress import progress
 @dataclass
 class LabelledSet:
     """A set to evaluate: stored images (N, C, S, S) in [-1, 1], labels (N, K) rows summing to 1, and
-    its formation factor (server/formation.py; 1: plain images)."""
+    its formation factor (server/condense/formation.py; 1: plain images)."""
     name: str
     images: torch.Tensor
     labels: torch.Tensor
