@@ -12,8 +12,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from server.options import (add_common, add_condense, add_demo_arguments, add_federation,  # noqa: E402
-                            add_student, add_teacher, demo_config)
+from server.options import (add_common, add_condense, add_demo_arguments, add_student,  # noqa: E402
+                            add_teacher, demo_config)
 
 
 def cmd_demo(args) -> int:

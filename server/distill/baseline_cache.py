@@ -22,7 +22,7 @@ import torch
 
 from server.distill.losses import needs_teacher
 from server.distill.student import fit_and_score
-from shared.cache import building, cache_dir, config_hash, fingerprint, state_fingerprint, to_jsonable
+from shared.cache import building, cache_dir, fingerprint, state_fingerprint, to_jsonable
 from shared.config import StudentConfig
 from shared.data import ImageSplit
 from shared.device import cpu_bf16_key, device_name
