@@ -5,7 +5,6 @@ data -> autoencoder (public split) -> E1 latents of the private split (client si
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from server.distill.teacher import load_or_train_teacher
 from shared.cache import to_jsonable
 from shared.config import DemoConfig, StudentConfig
 from shared.data import Dataset, ImageSplit, load_dataset
+from shared.durable import run_lock, write_json
 from shared.device import device_name, keep_freed_memory, resolve_device, seed_everything
 
 
@@ -212,7 +212,7 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
     if full is not None and cfg.protocol == "standard":
         full["protocol"] = "teacher-kd student recipe (the standard protocol's 300 epochs on every image is a GPU job)"
     report = make_report(ds, cfg, info, per_ipc, full, device, len(pool))
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "report.json", report, indent=2)
     return report
 
 
@@ -232,6 +232,11 @@ def prepare_server(cfg: DemoConfig, out: Path):
 
 def run_demo(cfg: DemoConfig, out: Path) -> dict:
     """Single-machine pipeline (no federation): the server encodes the private split itself."""
+    with run_lock(out):
+        return _run_demo(cfg, out)
+
+
+def _run_demo(cfg: DemoConfig, out: Path) -> dict:
     out, device, ds, e1, dec, ae = prepare_server(cfg, out)
     latents, encode_s = encode_local(ds, e1, device)
     info = {"mode": "single-machine", "pretrain": ae["seconds"], "encode": encode_s, "autoencoder": ae,

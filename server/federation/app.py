@@ -22,6 +22,7 @@ from server.federation.pool import LatentPool
 from shared.accounting import ImageRelease, calibrate, default_delta
 from shared.config import DemoConfig, FederationConfig
 from shared.data import ImageSplit
+from shared.durable import run_lock, write_json
 
 log = logging.getLogger("fedcondense.server")
 
@@ -105,7 +106,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, out = config_from_run_config(dict(context.run_config))
-    report = run_federated(grid, cfg, out)
+    with run_lock(out):
+        report = run_federated(grid, cfg, out)
     log.info("report written to %s (synthetic accuracy %.4f)", out / "report.json", report["accuracy"]["synthetic"])
 
 
@@ -131,18 +133,23 @@ def clear_earlier_simulation(out: Path) -> None:
 
 
 def run_simulation_demo(cfg: DemoConfig, out: Path) -> dict:
-    """Flower simulation engine, one SuperNode per client, each with one CPU."""
-    import json
-
-    from flwr.simulation import run_simulation
-
-    from client.app import app as client_app
+    """Flower simulation engine, one SuperNode per client, each with one CPU; one run per output folder."""
     for var in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "RAY_USAGE_STATS_ENABLED"):
         os.environ.setdefault(var, "0")
     os.environ.setdefault("FLWR_HOME", str(Path(out).resolve() / ".flwr"))
     fed = cfg.federation or FederationConfig()
     cfg = replace(cfg, federation=fed)
     out = Path(out)
+    with run_lock(out):
+        return _simulate(cfg, fed, out)
+
+
+def _simulate(cfg: DemoConfig, fed: FederationConfig, out: Path) -> dict:
+    import json
+
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
     (out / "report.json").unlink(missing_ok=True)
     clear_earlier_simulation(out)
     start = time.time()
@@ -153,5 +160,5 @@ def run_simulation_demo(cfg: DemoConfig, out: Path) -> dict:
         raise RuntimeError(f"the simulated federation ended without a report in {out}; see the log above")
     report = json.loads((out / "report.json").read_text())
     report["seconds"]["wall"] = time.time() - start
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "report.json", report, indent=2)
     return report

@@ -24,6 +24,7 @@ from client.policy import encoder_sha256
 from server.federation.pool import LatentPool
 from shared.accounting import ImageRelease
 from shared.config import DataConfig, FederationConfig
+from shared.durable import write_json
 from shared.models.first_encoder import FirstEncoder
 from shared.release import REFUSAL_FIELDS, REPLY_FIELDS
 from shared.sealing import Limits, Opener, SubmissionRejected, raw_public
@@ -238,7 +239,7 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
         requests += 1
         status = {"requests": requests, "pending": {str(n): c for n, c in col.next_chunk.items()},
                   "committed": sorted(pool.committed_nodes()), "dropped": {str(n): r for n, r in col.dropped.items()}}
-        (pool.root.parent / "collect_status.json").write_text(json.dumps(status))
+        write_json(pool.root.parent / "collect_status.json", status)
     return {"run_id": run_id, "nodes": nodes, "resumed_nodes": sorted(done_before & set(nodes)),
             "accepted_nodes": sorted(pool.committed_nodes()), "dropped_nodes": col.dropped,
             "rejections": col.rejections, "refusals": {str(n): r for n, r in col.refusals.items()},

@@ -2,7 +2,6 @@
 with how it is covered, each device's release, versions and seeds."""
 from __future__ import annotations
 
-import json
 import math
 import platform
 from importlib.metadata import version
@@ -11,6 +10,7 @@ from pathlib import Path
 from shared.accounting import ImageRelease
 from shared.cache import to_jsonable
 from shared.config import DemoConfig
+from shared.durable import write_json
 from shared.release import ledger_table
 from shared.sealing import CIPHER
 
@@ -75,4 +75,4 @@ def _finite(obj):
 
 
 def write_ledger(out: Path, ledger: dict) -> None:
-    (Path(out) / "privacy_ledger.json").write_text(json.dumps(_finite(ledger), indent=2, allow_nan=False))
+    write_json(Path(out) / "privacy_ledger.json", _finite(ledger), indent=2, allow_nan=False)

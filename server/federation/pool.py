@@ -8,12 +8,17 @@ with the nodes already committed (`committed_nodes`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from shared.durable import fsync_dir
+
+log = logging.getLogger("fedcondense.pool")
 
 
 class LatentPool:
@@ -29,9 +34,41 @@ class LatentPool:
         return self.root / "provenance.jsonl"
 
     def provenance(self) -> list[dict]:
+        """One entry per committed node. A last line cut short by a crash (no newline, or not JSON) was never
+        committed: it is cut off and logged, and that node is asked again. A bad line before the last is
+        damage, not a crash, and stops the run."""
         if not self.provenance_path.exists():
             return []
-        return [json.loads(line) for line in self.provenance_path.read_text().splitlines() if line.strip()]
+        text = self.provenance_path.read_text()
+        lines = text.split("\n")
+        entries = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                complete = i < len(lines) - 1                   # followed by its newline
+            except json.JSONDecodeError:
+                entry, complete = None, False
+            if complete:
+                entries.append(entry)
+            elif i >= len(lines) - 2 and not "".join(lines[i + 1:]).strip():
+                return self._cut_torn_line(entries, line)
+            else:
+                raise RuntimeError(f"{self.provenance_path} line {i + 1} is damaged; restore the file or start "
+                                   f"a new output folder")
+        return entries
+
+    def _cut_torn_line(self, entries: list[dict], line: str) -> list[dict]:
+        log.warning("cutting a provenance line left incomplete by a crash (%d bytes); its node will be asked again",
+                    len(line))
+        tmp = self.provenance_path.with_suffix(".repair")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.provenance_path)
+        fsync_dir(self.root)
+        return entries
 
     def committed_nodes(self) -> set[int]:
         return {p["node_id"] for p in self.provenance()}
@@ -52,7 +89,10 @@ class LatentPool:
         final = self.root / f"node-{node_id}.safetensors"
         tmp = final.with_suffix(".tmp")
         save_file({"latents": z.half().contiguous(), "labels": y.to(torch.uint8).contiguous()}, str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, final)
+        fsync_dir(self.root)
         entry = {"node_id": node_id, "file": final.name, "latents": len(y), "chunks": num_chunks,
                  "class_histogram": torch.bincount(y, minlength=meta.get("num_classes", 0)).tolist(),
                  "committed_at": time.time(), **{k: v for k, v in meta.items() if k != "num_classes"}}
