@@ -79,6 +79,8 @@ def add_federation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-share", type=float, default=None,
                    help="share of --target-epsilon spent on randomized-response labels (default 0.25)")
     p.add_argument("--deadline", type=float, default=None, help="seconds the whole collection may take")
+    p.add_argument("--retries", type=int, default=None,
+                   help="ask a node that missed a round's timeout again this often before dropping it (default 2)")
 
 
 def demo_config(args):
@@ -108,7 +110,8 @@ def demo_config(args):
         fed = override(FederationConfig(), clients=args.clients, alpha=args.alpha, timeout=args.timeout,
                        chunk_size=args.chunk_size, partition_seed=args.seed, iid=args.iid or None,
                        target_epsilon=args.target_epsilon, delta=args.delta, clip_norm=args.clip_norm,
-                       label_mechanism=args.label_mechanism, label_share=args.label_share, deadline=args.deadline)
+                       label_mechanism=args.label_mechanism, label_share=args.label_share, deadline=args.deadline,
+                       retries=args.retries)
     eval_seeds = getattr(args, "eval_seeds", None)
     eval_seeds = cfg.eval_seeds if eval_seeds is None else eval_seeds
     if eval_seeds < 1:

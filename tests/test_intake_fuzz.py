@@ -121,3 +121,19 @@ def test_a_slow_node_cannot_hold_the_collection_past_its_deadline(tmp_path):
     assert time.time() - start < 8
     assert "deadline" in fed["dropped_nodes"].get(EVIL, "") or "deadline" in fed["dropped_nodes"].get(HONEST, "")
     assert not pool._staged
+
+
+def test_a_node_that_misses_a_timeout_is_asked_again_then_dropped(tmp_path):
+    """One missed round costs a retry, not the node; a node that never answers is dropped after the retries."""
+    silent_once = {"left": 1}
+
+    def once(content, request):
+        if silent_once["left"]:
+            silent_once["left"] -= 1
+            return None
+        return content
+    fed, pool = run_collect(tmp_path / "once", Node({"partition-id": 1, "num-partitions": 2}, once), retries=2)
+    assert fed["accepted_nodes"] == [HONEST, EVIL] and fed["retries"] == [{"node_id": EVIL, "chunk": 0, "attempt": 1}]
+    fed, _ = run_collect(tmp_path / "never", Node({"partition-id": 1, "num-partitions": 2}, lambda c, r: None),
+                         retries=2)
+    assert "after 2 retries" in fed["dropped_nodes"][EVIL] and len(fed["retries"]) == 2

@@ -71,7 +71,7 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
              "ae-steps", "chain-steps", "chain-batch", "module-steps", "student-steps", "full-epochs", "timeout",
              "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student", "student-loss", "prediction",
              "teacher-steps", "guidance", "guidance-terms", "guidance-steps", "retrain-baselines", "label-mechanism",
-             "label-share", "deadline"}
+             "label-share", "deadline", "retries"}
     unknown = set(run_config) - known
     if unknown:
         raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")
@@ -89,7 +89,7 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
 
 
 # 0 turns guidance off / guides every step there, so -1 stands for "the typed default"
-ZERO_IS_A_SETTING = {"guidance", "guidance-steps"}
+ZERO_IS_A_SETTING = {"guidance", "guidance-steps", "retries"}
 
 
 def _means_typed_default(key: str, value) -> bool:

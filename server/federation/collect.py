@@ -216,7 +216,7 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
     nodes = wait_for_nodes(grid, fed.clients, fed.connect_timeout)
     col = Collection(pool, opener, round_, expected, fed)
     col.next_chunk = {n: 0 for n in nodes if n not in done_before}
-    start, requests = time.time(), 0
+    start, requests, missed, retries = time.time(), 0, {}, []
     while col.next_chunk:
         left = fed.deadline - (time.time() - start)
         if left <= 0:
@@ -227,7 +227,8 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
                                 num_classes, native_shape),
                         dst_node_id=n, message_type="query.encode", group_id=f"collect-{round_}")
                 for n, c in col.next_chunk.items()]
-        wait = min(fed.timeout + (fed.startup_grace if requests == 0 else 0.0), left)
+        attempt = max((missed.get(n, 0) for n in col.next_chunk), default=0)
+        wait = min(fed.timeout * fed.retry_backoff ** attempt + (fed.startup_grace if requests == 0 else 0.0), left)
         replied = set()
         for reply in grid.send_and_receive(msgs, timeout=wait):
             node = reply.metadata.src_node_id
@@ -235,14 +236,22 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
                 replied.add(node)
                 col.handle(node, reply)
         for node in [n for n in col.next_chunk if n not in replied]:
-            col.drop(node, f"no reply within {wait:.0f}s")
+            missed[node] = missed.get(node, 0) + 1
+            if missed[node] > fed.retries:
+                col.drop(node, f"no reply within {wait:.0f}s, after {fed.retries} retries")
+            else:
+                retries.append({"node_id": node, "chunk": col.next_chunk[node], "attempt": missed[node]})
+                log.warning("node %s: no reply within %.0fs; asking again (%d of %d)", node, wait, missed[node],
+                            fed.retries)
+        for node in replied:
+            missed.pop(node, None)
         requests += 1
-        status = {"requests": requests, "pending": {str(n): c for n, c in col.next_chunk.items()},
+        status = {"requests": requests, "pending": {str(n): c for n, c in col.next_chunk.items()}, "retries": retries,
                   "committed": sorted(pool.committed_nodes()), "dropped": {str(n): r for n, r in col.dropped.items()}}
         write_json(pool.root.parent / "collect_status.json", status)
     return {"run_id": run_id, "nodes": nodes, "resumed_nodes": sorted(done_before & set(nodes)),
             "accepted_nodes": sorted(pool.committed_nodes()), "dropped_nodes": col.dropped,
-            "rejections": col.rejections, "refusals": {str(n): r for n, r in col.refusals.items()},
+            "rejections": col.rejections, "refusals": {str(n): r for n, r in col.refusals.items()}, "retries": retries,
             "bytes_received": col.bytes_received, "collect_seconds": time.time() - start,
             "encoder_sha256": e1_hash, "requested_mechanism": expected,
             "clients": {str(n): s for n, s in col.stats.items()}}
