@@ -134,9 +134,9 @@ def _z0_coefficient(sched, t: int, sampler: str) -> float:
 
 def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num_classes: int,
              models: dict, chain_cfg: ChainConfig, cfg: CondenseConfig, device: torch.device) -> SyntheticSet:
-    """Plan, select, run the chain batch by batch, label; then, where `cfg` asks, refine the chain's
-    latents (server/condense/refine.py) and form factor^2 chain images into each stored image (server/condense/formation.py).
-    Deterministic for `cfg.seed`."""
+    """Plan, select, run the chain batch by batch, label; then, where `cfg` asks, refine the chain's latents
+    (server/condense/refine.py) and form factor^2 chain images into each stored image
+    (server/condense/formation.py). Deterministic for `cfg.seed`."""
     start = time.time()
     if cfg.formation < 1 or (cfg.formation > 1 and cfg.ipc is None):
         raise ValueError(f"formation must be >= 1, and needs --ipc (not --ratio or --max-coverage); got {cfg.formation}")
