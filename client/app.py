@@ -1,8 +1,10 @@
 """Flower ClientApp: check the request against the device's policy, encode the device's images with E1,
 apply the mechanisms, seal, reply (docs/spec.md §1, federated scenario; docs/privacy.md).
 
-Every message is self-contained (E1 weights, server key, parameters, chunk index), because a deployed
-SuperNode starts a fresh process per message. Pixels never leave this function, and what does leave
+Every message carries the server key, the parameters and the chunk index. E1's weights travel once per node
+and run: the first request carries them, the node keeps them in its run state (`context.state`, which Flower
+hands to every message of the run, in a fresh process or not), and later requests name them by hash; a node
+that has lost them (restarted) answers `encoder_missing` and the server sends them again. Pixels never leave this function, and what does leave
 is exactly `shared/release.py`'s fields. Timings and memory stay in the device's own log.
 
 Where the images come from (node config):
@@ -28,9 +30,10 @@ from client.policy import DevicePolicy, PolicyRefusal, encoder_sha256
 from client.privacy import gaussian_mechanism, randomized_response
 from shared.accounting import ImageRelease
 from shared.config import DataConfig
-from shared.data import StoredSplit, stored_splits
+from shared.data import StoredSplit, private_share
 from shared.models.first_encoder import FirstEncoder
 from shared.partition import partition
+from shared.release import ENCODER_MISSING
 from shared.sealing import encode_payload, seal
 
 app = ClientApp()
@@ -54,12 +57,11 @@ def local_records(cfg: ConfigRecord, node_config: dict) -> StoredSplit:
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
     key = (cfg["data_config"], pid, num, cfg["iid"], cfg["alpha"], cfg["partition_seed"])
     if key not in _LOCAL:
-        if len(_LOCAL) >= 32:                      # a long-lived simulation actor serving many runs
+        if len(_LOCAL) >= 32:                      # a long-lived simulation actor serving many nodes
             _LOCAL.clear()
-        data = stored_splits(data_cfg)
-        parts = partition(data.private.labels.numpy(), num, iid=bool(cfg["iid"]), alpha=float(cfg["alpha"]),
-                          seed=int(cfg["partition_seed"]))
-        _LOCAL[key] = data.private.subset(parts[pid])
+        rule = lambda labels: partition(labels, num, iid=bool(cfg["iid"]), alpha=float(cfg["alpha"]),
+                                        seed=int(cfg["partition_seed"]))[pid]
+        _LOCAL[key] = private_share(data_cfg, rule)
     return _LOCAL[key]
 
 
@@ -69,11 +71,26 @@ def requested_release(cfg: ConfigRecord) -> ImageRelease:
                         float(cfg["label_epsilon"]) or None, int(cfg["num_classes"]))
 
 
-def load_first_encoder(content: RecordDict) -> tuple[FirstEncoder, str]:
-    state = content["first_encoder"].to_torch_state_dict()
-    enc = FirstEncoder(**json.loads(content["first_encoder_config"]["json"]))
+class EncoderMissing(Exception):
+    """The request names E1 by hash, and this node does not hold it (a restarted node has lost its state)."""
+
+
+def load_first_encoder(content: RecordDict, context: Context) -> tuple[FirstEncoder, str]:
+    """E1 from the request when the server sends it (once per node per run), kept in the node's run state
+    for the later chunks; otherwise the copy held, which must match the hash the request names."""
+    if "first_encoder" in content:
+        context.state["first_encoder"] = content["first_encoder"]
+        context.state["first_encoder_config"] = content["first_encoder_config"]
+    elif "first_encoder" not in context.state:
+        raise EncoderMissing("the request names the first encoder by hash and this node holds no copy for this run")
+    state = context.state["first_encoder"].to_torch_state_dict()
+    digest = encoder_sha256(state)
+    if digest != str(content["config"].get("encoder_sha256") or digest):
+        raise EncoderMissing(f"the request names encoder {str(content['config']['encoder_sha256'])[:12]}, this node "
+                             f"holds {digest[:12]}")
+    enc = FirstEncoder(**json.loads(context.state["first_encoder_config"]["json"]))
     enc.load_state_dict(state)
-    return enc.eval(), encoder_sha256(state)
+    return enc.eval(), digest
 
 
 def encode_chunk(content: RecordDict, context: Context) -> tuple[dict, dict]:
@@ -81,7 +98,7 @@ def encode_chunk(content: RecordDict, context: Context) -> tuple[dict, dict]:
     cfg = content["config"]
     torch.set_num_threads(int(cfg.get("threads", 1)))
     release = requested_release(cfg)
-    e1, e1_hash = load_first_encoder(content)
+    e1, e1_hash = load_first_encoder(content, context)
     epsilon = DevicePolicy.from_node_config(dict(context.node_config)).check(release, e1_hash)
     local = local_records(cfg, dict(context.node_config))
     chunk, size = int(cfg["chunk"]), int(cfg["chunk_size"])
@@ -105,13 +122,19 @@ def encode_chunk(content: RecordDict, context: Context) -> tuple[dict, dict]:
     return env, mechanism
 
 
+def refusal_reply(msg: Message, code: str, reason: str) -> Message:
+    return Message(RecordDict({"refusal": ConfigRecord({"code": code, "reason": reason})}), reply_to=msg)
+
+
 @app.query("encode")
 def encode(msg: Message, context: Context) -> Message:
     try:
         env, mechanism = encode_chunk(msg.content, context)
     except PolicyRefusal as refusal:
         log.warning("refused the server's request: %s", refusal)
-        return Message(RecordDict({"refusal": ConfigRecord({"code": refusal.code, "reason": refusal.reason})}),
-                       reply_to=msg)
+        return refusal_reply(msg, refusal.code, refusal.reason)
+    except EncoderMissing as missing:
+        log.info("asking the server for the first encoder: %s", missing)
+        return refusal_reply(msg, ENCODER_MISSING, str(missing))
     return Message(RecordDict({"envelope": ConfigRecord(env), "mechanism": ConfigRecord(mechanism)}), reply_to=msg)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -49,6 +50,8 @@ def cmd_condense(args) -> int:
     from server.pipeline import build_models
     from shared.data import load_dataset
     from shared.device import resolve_device
+    from server.condense.batches import join_workers, world
+    join_workers()
     cfg = demo_config(args)
     if args.ratio is None and not args.max_coverage:
         cfg = replace(cfg, condense=replace(cfg.condense, ipc=args.ipc[0] if args.ipc else cfg.condense.ipc))
@@ -59,8 +62,13 @@ def cmd_condense(args) -> int:
         from server.distill.teacher import load_or_train_teacher
         models["teacher"], _ = load_or_train_teacher(models, pool.images, pool.labels, ds.num_classes, device,
                                                      cfg.student.teacher_steps)
-    syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, cfg.condense, device)
-    syn.save(Path(args.out), ds.class_names)
+    out = Path(args.out)
+    syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, cfg.condense, device,
+                   work=out / ".batches")
+    if world()[0] != 0:                         # torchrun: rank 0 refines and saves
+        return 0
+    syn.save(out, ds.class_names)
+    shutil.rmtree(out / ".batches", ignore_errors=True)
     print(f"{len(syn)} synthetic images from {syn.meta['real_latents_used']} real latents in "
           f"{syn.meta['seconds']:.1f}s ({len(syn) / syn.meta['seconds']:.1f} images/s) -> {args.out}")
     return 0
@@ -178,8 +186,23 @@ def cmd_bench_standard(args, harness) -> int:
     return 0
 
 
+def cmd_bench_federation(args) -> int:
+    from benchmarks.federation import FederationBenchConfig, markdown, run_federation_bench, update_doc
+    cfg = FederationBenchConfig(**{k: tuple(v) for k, v in (("clients", args.clients), ("splits", args.splits)) if v},
+                                **({"train_limit": args.train_limit} if args.train_limit else {}))
+    path = run_federation_bench(cfg, Path(args.out))
+    doc = json.loads(path.read_text())
+    print(markdown(doc))
+    if args.doc:
+        update_doc(doc, Path(args.doc))
+    print(f"results: {path} (+ {path.with_suffix('.png').name})")
+    return 0
+
+
 def cmd_bench(args) -> int:
     harness = _benchmarks()
+    if args.federation:
+        return cmd_bench_federation(args)
     if args.protocol == "standard":
         return cmd_bench_standard(args, harness)
     base = demo_config(args)
@@ -297,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("condense", help="make a synthetic set from the private split")
     p.add_argument("--out", required=True)
     p.add_argument("--ipc", type=int, nargs=1, default=None)
+    p.add_argument("--teacher-steps", type=int, default=None, help="steps of the teacher that guides sampling")
     add_common(p)
     add_condense(p)
     p.set_defaults(fn=cmd_condense)
@@ -350,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-iterations", type=int, default=None, help="standard protocol: refined arms' iterations")
     p.add_argument("--budget-s", type=float, default=None,
                    help="standard protocol: stop starting work after this many seconds (what is cut is listed)")
+    p.add_argument("--federation", action="store_true",
+                   help="the collection's cost against the number of devices instead (benchmarks/federation.py): "
+                        "wall time, server and worker peak RSS, bytes on the wire")
+    p.add_argument("--clients", type=int, nargs="+", default=None,
+                   help="--federation: simulated clients of each collection (default 10 100 1000)")
+    p.add_argument("--splits", nargs="+", choices=["dirichlet", "iid"], default=None,
+                   help="--federation: how the private split is cut (default: dirichlet iid)")
+    p.add_argument("--doc", default=None, help="--federation: rewrite the table between the federation-bench "
+                                               "markers of this page (docs/scale.md)")
     add_common(p)
     add_student(p)
     add_teacher(p)

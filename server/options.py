@@ -47,6 +47,9 @@ def add_condense(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-iterations", type=int, default=None,
                    help="refine the chain's latents by distribution matching for this many iterations (default 0)")
     p.add_argument("--refine-lr", type=float, default=None, help="Adam learning rate of the refinement (default 0.01)")
+    p.add_argument("--condense-batch", type=int, default=None,
+                   help="synthetic images per chain batch, the unit that is kept on disk for resuming and shared "
+                        "out over workers (default 500)")
     p.add_argument("--ratio", type=float, default=None, help="budget as synthetic/real ratio instead of IPC")
     p.add_argument("--max-coverage", action="store_true", help="every real latent conditions exactly one image")
 
@@ -97,7 +100,8 @@ def demo_config(args):
                     sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
                     ratio=getattr(args, "ratio", None), guidance=getattr(args, "guidance", None),
                     guidance_terms=getattr(args, "guidance_terms", None),
-                    guidance_steps=getattr(args, "guidance_steps", None), seed=args.seed)
+                    guidance_steps=getattr(args, "guidance_steps", None),
+                    batch_size=getattr(args, "condense_batch", None), seed=args.seed)
     if getattr(args, "max_coverage", False):     # every latent exactly once: claims 4 and 7's one-to-one rule
         cond = replace(cond, max_coverage=True, ipc=None, selection=getattr(args, "selection", None) or "one-to-one")
     student = override(cfg.student, model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),

@@ -5,6 +5,7 @@ data -> autoencoder (public split) -> E1 latents of the private split (client si
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -81,14 +82,22 @@ def run_ipc(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, ipc: i
     """`pool`: the real latents (as `images`) with labels and ids that the server condenses.
     Every student arm trains with the same recipe: `cfg.student.loss`, with `teacher` when it has one."""
     ccfg = replace(cfg.condense, ipc=ipc)
-    syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, ccfg, device)
+    syn = condense_resumable(pool, ds, models, cfg, ccfg, device, out / f".condense-ipc{ipc}")
     syn.save(out / f"ipc{ipc}", ds.class_names)
     result = {"ipc": ipc, "synthetic_images": len(syn), "real_images_used": syn.meta["real_latents_used"],
               "seconds_condense": syn.meta["seconds"],
               **_score_arms(ds, syn, cfg, cfg.student, device, teacher, f"ipc{ipc}")}
     if cfg.eval_seeds > 1:
-        result["over_seeds"] = _over_seeds(ds, models, pool, cfg, ccfg, result, device, teacher)
+        result["over_seeds"] = _over_seeds(ds, models, pool, cfg, ccfg, result, device, teacher, out)
     return result
+
+
+def condense_resumable(pool: ImageSplit, ds: Dataset, models: dict, cfg: DemoConfig, ccfg, device, work: Path):
+    """`condense` keeping finished chain batches in `work` until the set is made: a run killed during
+    condensation and started again resumes there, with the same result (server/condense/batches.py)."""
+    syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, ccfg, device, work)
+    shutil.rmtree(work, ignore_errors=True)
+    return syn
 
 
 def _score_arms(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: StudentConfig, device, teacher,
@@ -123,7 +132,7 @@ def _score_standard(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: St
 
 
 def _over_seeds(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, ccfg, first: dict, device,
-                teacher) -> dict:
+                teacher, out: Path) -> dict:
     """`cfg.eval_seeds` repetitions of the IPC's arms: repetition s condenses with seed ccfg.seed + s and
     trains/draws the random subset with student seed + s (s = 0 is `first`), so that the comparison
     with random real images is paired per seed and does not rest on one draw of each. Only repetition 0's
@@ -132,8 +141,8 @@ def _over_seeds(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, cc
     acc = {k: [first[k]["accuracy"]] for k in ("synthetic", "random_real") if k in first}
     reused = [0] if "cached" in first.get("random_real", {}) else []
     for s in range(1, cfg.eval_seeds):
-        syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain,
-                       replace(ccfg, seed=ccfg.seed + s), device)
+        syn = condense_resumable(pool, ds, models, cfg, replace(ccfg, seed=ccfg.seed + s), device,
+                                 out / f".condense-ipc{ccfg.ipc}-seed+{s}")
         arms = _score_arms(ds, syn, cfg, replace(cfg.student, seed=cfg.student.seed + s), device, teacher,
                            f"ipc{ccfg.ipc} seed +{s}")
         for k, r in arms.items():

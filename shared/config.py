@@ -124,6 +124,7 @@ class FederationConfig:
     deadline: float = 4 * 3600.0            # the whole collection ends by then; pending nodes are dropped
     retries: int = 2                        # a node that misses a round's timeout is asked again this often
     retry_backoff: float = 1.5              # each retry round waits timeout x backoff^attempt (within the deadline)
+    wave: int = 256                         # nodes asked per request round: bounds requests in flight and server memory
     max_node_records: int = 200_000         # a node declaring more chunks than this many records is rejected
     max_staged_mb: float = 2048.0           # latents staged in memory over all nodes (uncommitted)
     clip_norm: float = 0.0                  # the device's Gaussian mechanism on latents; 0 = off

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
+import json
+import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -106,9 +109,30 @@ def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=2)
 def read_dataset(name: str, data_dir: str | None) -> dict[str, np.ndarray]:
-    """The stored arrays (uint8; ~55 MB for Fashion-MNIST), read once per process and shared read-only:
-    a Flower node asked for several chunks, or for several partitions in simulation, reads them once."""
-    return DATASETS[name](data_dir)
+    """The stored arrays (uint8; ~55 MB for Fashion-MNIST), memory-mapped from an uncompressed copy in the
+    cache (written once, atomically): a process touches only the rows it indexes, so a device of a
+    simulated federation reads its own share, not the whole set."""
+    from shared.cache import cache_root
+    root = cache_root() / "datasets" / f"{name}-{_source_key(name, data_dir)}"
+    if not (root / "complete").exists():
+        arrays = DATASETS[name](data_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        for key, array in arrays.items():
+            tmp = root / f".{key}.{os.getpid()}.npy"
+            np.save(tmp, np.ascontiguousarray(array))
+            os.replace(tmp, root / f"{key}.npy")
+        tmp = root / f".complete.{os.getpid()}"
+        tmp.write_text(json.dumps(sorted(arrays)))
+        os.replace(tmp, root / "complete")
+    keys = json.loads((root / "complete").read_text())
+    return {key: np.load(root / f"{key}.npy", mmap_mode="r") for key in keys}
+
+
+def _source_key(name: str, data_dir: str | None) -> str:
+    """Names the source files by path, size and modification time, so a changed file is read again."""
+    folder = Path(data_dir or "/usr/share/datasets/fashion-mnist")
+    stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.glob("*") if p.is_file())
+    return hashlib.sha256(json.dumps([name, str(folder.resolve()), stats]).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -131,24 +155,60 @@ class StoredSplit:
         return ImageSplit(to_tensor(self.pixels, self.image_size), self.labels, self.ids)
 
 
+def split_indices(cfg: DataConfig, train_size: int, test_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of the training file in the public and private splits, and rows of the test file kept;
+    deterministic for `cfg.seed`: public first, then the private split (cut to `train_limit`)."""
+    order = torch.randperm(train_size, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.public_size >= train_size:
+        raise ValueError(f"public_size {cfg.public_size} leaves no private data (train has {train_size})")
+    public, private = order[:cfg.public_size], order[cfg.public_size:]
+    if cfg.train_limit:
+        private = private[:cfg.train_limit]
+    test = torch.arange(test_size)
+    if cfg.test_limit:
+        test = torch.randperm(test_size, generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.test_limit]
+    return public, private, test
+
+
 def stored_splits(cfg: DataConfig) -> Dataset:
-    """Public, private and test splits, deterministic for `cfg.seed`: public first, then the private
-    split (cut to `train_limit`); the test split cut to `test_limit`."""
+    """Public, private and test splits (`split_indices`), as stored."""
     raw = read_dataset(cfg.dataset, cfg.data_dir)
     train_y = torch.from_numpy(raw["train_labels"].astype(np.int64))
     test_y = torch.from_numpy(raw["test_labels"].astype(np.int64))
     train = StoredSplit(raw["train_images"], train_y, torch.arange(len(train_y)), cfg.image_size)
     test = StoredSplit(raw["test_images"], test_y, torch.arange(len(test_y)), cfg.image_size)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
-    if cfg.public_size >= len(train):
-        raise ValueError(f"public_size {cfg.public_size} leaves no private data (train has {len(train)})")
-    public, private_idx = order[:cfg.public_size], order[cfg.public_size:]
-    if cfg.train_limit:
-        private_idx = private_idx[:cfg.train_limit]
-    if cfg.test_limit:
-        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.test_limit])
-    return Dataset(cfg.dataset, int(train_y.max()) + 1, train.subset(public), train.subset(private_idx), test,
+    public, private, kept = split_indices(cfg, len(train), len(test))
+    return Dataset(cfg.dataset, int(train_y.max()) + 1, train.subset(public), train.subset(private), test.subset(kept),
                    tuple(int(d) for d in raw["train_images"].shape[1:]))
+
+
+def private_share(cfg: DataConfig, rows_of_share) -> StoredSplit:
+    """One device's share of the private split, reading only its rows: `rows_of_share(private labels)`
+    returns the share's positions in the private split (a partition rule)."""
+    raw = read_dataset(cfg.dataset, cfg.data_dir)
+    labels = torch.from_numpy(raw["train_labels"].astype(np.int64))
+    _, private, _ = split_indices(cfg, len(labels), len(raw["test_labels"]))
+    rows = private[torch.as_tensor(rows_of_share(labels[private].numpy()), dtype=torch.long)]
+    order = torch.argsort(rows)                                  # sequential reads of the mapped file
+    rows = rows[order]
+    pixels = read_rows(raw["train_images"], rows.numpy())
+    share = StoredSplit(pixels, labels[rows], rows, cfg.image_size)
+    return share.subset(torch.argsort(order))                   # back to the partition's order
+
+
+def read_rows(mapped: np.memmap, rows: np.ndarray) -> np.ndarray:
+    """Rows of a memory-mapped array read with pread, not through the mapping: a page fault may map far more
+    of the file than the rows (fault-around), and all of it would count as the process's resident memory."""
+    row_bytes = int(np.prod(mapped.shape[1:])) * mapped.dtype.itemsize
+    out = np.empty((len(rows), *mapped.shape[1:]), dtype=mapped.dtype)
+    view = out.reshape(len(rows), -1).view(np.uint8)
+    fd = os.open(mapped.filename, os.O_RDONLY)
+    try:
+        for i, row in enumerate(rows.tolist()):
+            view[i] = np.frombuffer(os.pread(fd, row_bytes, mapped.offset + row * row_bytes), dtype=np.uint8)
+    finally:
+        os.close(fd)
+    return out
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

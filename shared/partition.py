@@ -23,14 +23,15 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed
         raise ValueError(f"{len(labels)} examples cannot give {num_clients} clients {min_size} each")
     rng = np.random.default_rng(seed)
     for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         for c in np.unique(labels):
             idx = rng.permutation(np.flatnonzero(labels == c))
             cuts = (np.cumsum(rng.dirichlet([alpha] * num_clients)) * len(idx)).astype(int)[:-1]
             for k, chunk in enumerate(np.split(idx, cuts)):
-                parts[k].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+                parts[k].append(chunk)
+        sizes = [sum(len(c) for c in p) for p in parts]
+        if min(sizes) >= min_size:
+            return [np.sort(np.concatenate(p).astype(np.int64)) for p in parts]
     raise RuntimeError(f"could not draw a Dirichlet({alpha}) split with {min_size}+ examples per client")
 
 

@@ -40,8 +40,10 @@ REPLY_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], str, str]]] = {
     },
 }
 
+ENCODER_MISSING = "encoder_missing"
 REFUSAL_FIELDS: dict[str, tuple[tuple[type, ...], str, str]] = {
-    "code": ((str,), "public", "why the device refused: encoder, noise, labels, delta or epsilon"),
+    "code": ((str,), "public", "why the device refused: encoder, noise, labels, delta or epsilon; or "
+                               "encoder_missing (a node that lost the first encoder asks for it again)"),
     "reason": ((str,), "public", "the refusal in words (depends on the request and the device's policy only)"),
 }
 

@@ -10,11 +10,12 @@ from typing import Callable, Optional
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from client.app import encode_chunk
+from client.app import EncoderMissing, encode_chunk
 from client.policy import PolicyRefusal
 from shared.accounting import ImageRelease
 from shared.config import DataConfig, FederationConfig
 from shared.models.first_encoder import FirstEncoder
+from shared.release import ENCODER_MISSING
 
 DATA = DataConfig(train_limit=300, test_limit=100)
 
@@ -28,12 +29,15 @@ def device_context(node: int, node_config: dict) -> Context:
     return Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config={})
 
 
-def honest(content: RecordDict, node: int, node_config: dict) -> RecordDict:
-    """The real device: policy, encoding, mechanisms, sealing."""
+def honest(content: RecordDict, node: int, node_config: dict, context: Context | None = None) -> RecordDict:
+    """The real device: policy, encoding, mechanisms, sealing. `context`: the node's run state (Flower keeps
+    one per node and run); a fresh one is a node that has just started."""
     try:
-        env, mechanism = encode_chunk(content, device_context(node, node_config))
+        env, mechanism = encode_chunk(content, context or device_context(node, node_config))
     except PolicyRefusal as refusal:
         return RecordDict({"refusal": ConfigRecord({"code": refusal.code, "reason": refusal.reason})})
+    except EncoderMissing as missing:
+        return RecordDict({"refusal": ConfigRecord({"code": ENCODER_MISSING, "reason": str(missing)})})
     return RecordDict({"envelope": ConfigRecord(env), "mechanism": ConfigRecord(mechanism)})
 
 
@@ -44,6 +48,8 @@ class Node:
     delay: float = 0.0
     error: Optional[str] = None
     requests: list = field(default_factory=list)
+    restart_before: tuple = ()               # request numbers before which the node restarts (loses its state)
+    context: Optional[Context] = None
 
 
 class ScriptedGrid:
@@ -67,7 +73,9 @@ class ScriptedGrid:
                 replies.append(SimpleNamespace(metadata=meta, has_error=lambda: True,
                                                error=SimpleNamespace(reason=node.error), content=None))
                 continue
-            content = honest(msg.content, node_id, node.node_config)
+            if node.context is None or len(node.requests) - 1 in node.restart_before:
+                node.context = device_context(node_id, node.node_config)
+            content = honest(msg.content, node_id, node.node_config, node.context)
             if node.mutate is not None:
                 content = node.mutate(content, msg.content)
                 if content is None:

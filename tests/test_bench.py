@@ -69,3 +69,19 @@ def test_scaling_sizes_cut_to_the_pool():
     assert scaling_sizes((1000, 5000, 20000, 0), 600) == [600]
     assert scaling_sizes((1000, 5000, 20000, 0), 54000) == [1000, 5000, 20000, 54000]
     assert scaling_sizes((200, 0), 1500) == [200, 1500]
+
+
+def test_federation_bench_measures_each_fleet_size(tmp_path):
+    """Two real simulated collections (2 and 4 clients, fresh processes): every client pooled, the first
+    encoder sent once per client, the server's and the workers' memory measured, a plot and a table."""
+    import json
+    from benchmarks.federation import FederationBenchConfig, markdown, run_federation_bench
+    path = run_federation_bench(FederationBenchConfig(clients=(2, 4), splits=("iid",), train_limit=400), tmp_path)
+    doc = json.loads(path.read_text())
+    rows = {r["clients"]: r for r in doc["rows"]}
+    assert all(r["accepted"] == n and r["encoder_sends"] == n and r["pooled_latents"] == 400 for n, r in rows.items())
+    assert rows[4]["request_bytes"] > 1.8 * rows[2]["request_bytes"], "E1 goes to every node once"
+    assert all(r["server_peak_rss_mb"] > 100 and r["worker_peak_rss_mb"] > 100 and r["workers"] >= 1
+               for r in rows.values())
+    assert doc["growth"][0]["clients_ratio"] == 2 and path.with_suffix(".png").exists()
+    assert "| iid | 4 | 4 |" in markdown(doc)

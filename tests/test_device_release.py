@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord
 from client.encode import encode_images
 from client.policy import PolicyRefusal, encoder_sha256
 from client.privacy import clip_latents
-from server.federation.collect import check_reply, collect, request
+from server.federation.collect import check_reply, collect, encoder_records, request
 from server.federation.ledger import build_ledger
 from server.federation.pool import LatentPool
 from shared.accounting import ImageRelease, calibrate
@@ -33,7 +33,8 @@ def device_round(release: ImageRelease, node_config=NODE_CONFIG, chunk=0, e1=Non
     e1 = e1 or tiny_encoder()
     key = X25519PrivateKey.generate()
     fed = fed_config()
-    content = request(e1, DATA, fed, release, "run-7", raw_public(key.public_key()), 5, 0, chunk, 10, (28, 28))
+    content = request(e1, DATA, fed, release, "run-7", raw_public(key.public_key()), 5, 0, chunk, 10, (28, 28),
+                      encoder_records(e1))
     reply = honest(content, 5, node_config)
     return e1, fed, content, reply, key
 
@@ -163,7 +164,8 @@ def test_policy_keys_are_validated():
 def test_a_device_without_data_says_how_to_give_it_some():
     e1 = tiny_encoder()
     key = X25519PrivateKey.generate()
-    content = request(e1, DATA, fed_config(), no_dp(), "r", raw_public(key.public_key()), 5, 0, 0, 10, (28, 28))
+    content = request(e1, DATA, fed_config(), no_dp(), "r", raw_public(key.public_key()), 5, 0, 0, 10, (28, 28),
+                      encoder_records(e1))
     with pytest.raises(ValueError, match="data-dir"):
         honest(content, 5, {})
     assert isinstance(content["config"], ConfigRecord)

@@ -22,6 +22,8 @@ def test_simulated_federation_pools_every_client(tmp_path):
     assert report["mode"] == "federated" and len(fed["nodes"]) == 3
     assert len(fed["accepted_nodes"]) == 3 and not fed["dropped_nodes"] and not fed["rejections"]
     assert report["real_images_available"] == 1500, "every private image arrives once, as a latent"
+    assert fed["traffic"]["encoder_sends"] == 3 and not fed["encoder_resends"], \
+        "two chunks per node, the first encoder sent once to each (kept in Flower's node state)"
     provenance = [json.loads(line) for line in (out / "pool" / "provenance.jsonl").read_text().splitlines()]
     assert sum(p["latents"] for p in provenance) == 1500
     private = load_dataset(DataConfig(train_limit=1500)).private

@@ -137,3 +137,34 @@ def test_a_node_that_misses_a_timeout_is_asked_again_then_dropped(tmp_path):
     fed, _ = run_collect(tmp_path / "never", Node({"partition-id": 1, "num-partitions": 2}, lambda c, r: None),
                          retries=2)
     assert "after 2 retries" in fed["dropped_nodes"][EVIL] and len(fed["retries"]) == 2
+
+
+def test_the_first_encoder_travels_once_per_node(tmp_path):
+    """Three chunks per node: E1's weights go with each node's first request only; the later requests name
+    them by hash and are a small fraction of the size."""
+    fed, pool = run_collect(tmp_path, Node({"partition-id": 1, "num-partitions": 2}), chunk_size=50)
+    t = fed["traffic"]
+    assert fed["accepted_nodes"] == [HONEST, EVIL] and t["encoder_sends"] == 2 and t["request_rounds"] >= 3
+    e1_bytes = sum(v.numel() * 4 for v in tiny_encoder().state_dict().values())
+    assert t["request_bytes"] < 2 * e1_bytes + t["request_rounds"] * 2 * 4096, t
+    assert t["reply_bytes"] > fed["bytes_received"] > 0
+
+
+def test_a_restarted_node_is_sent_the_encoder_again(tmp_path):
+    """A node that restarts between its chunks has lost E1: it says so, gets it again, and is pooled."""
+    evil = Node({"partition-id": 1, "num-partitions": 2}, restart_before=(1,))
+    fed, pool = run_collect(tmp_path, evil, chunk_size=50)
+    assert fed["accepted_nodes"] == [HONEST, EVIL] and fed["encoder_resends"] == {str(EVIL): 1}
+    assert fed["traffic"]["encoder_sends"] == 3 and not fed["dropped_nodes"]
+    assert evil.requests[:3] == [0, 1, 1], "chunk 1 asked again, with the encoder"
+
+
+def test_waves_bound_the_requests_in_flight(tmp_path):
+    """One node per request round: every node still completes, in order, nodes under way first."""
+    honest_node, other = Node({"partition-id": 0, "num-partitions": 2}), Node({"partition-id": 1, "num-partitions": 2})
+    grid = ScriptedGrid({HONEST: honest_node, EVIL: other})
+    fed = collect(grid, tiny_encoder(), DATA, fed_config(chunk_size=50, wave=1), no_dp(), LatentPool(tmp_path / "p"),
+                  10, (28, 28))
+    assert fed["accepted_nodes"] == [HONEST, EVIL]
+    assert fed["traffic"]["request_rounds"] == len(honest_node.requests) + len(other.requests)
+    assert honest_node.requests == list(range(len(honest_node.requests))) and other.requests[0] == 0

@@ -37,14 +37,18 @@ def _cfg(cls, d: dict):
 
 def resolve_real_index(report: dict, ds, ids: torch.Tensor, run: Path) -> torch.Tensor:
     """Manifest ids -> positions in the private split (federated ids: rank * 1e7 + position, rank =
-    the node's line in pool/provenance.jsonl)."""
+    the node's place among the pooled node ids, ascending: server/federation/pool.py)."""
     if report["mode"] != "federated":
         pos = {int(i): k for k, i in enumerate(ds.private.ids.tolist())}
         return torch.tensor([pos[int(i)] for i in ids.tolist()])
     fed = report["config"]["federation"]
     parts = partition(ds.private.labels.numpy(), len(report["federation"]["nodes"]), iid=fed["iid"],
                       alpha=fed["alpha"], seed=fed["partition_seed"])
-    provenance = [json.loads(line) for line in (run / "pool" / "provenance.jsonl").read_text().splitlines()]
+    provenance = sorted((json.loads(line) for line in (run / "pool" / "provenance.jsonl").read_text().splitlines()),
+                        key=lambda p: p["node_id"])
+    if any("partition_id" not in p for p in provenance):
+        raise ValueError(f"{run}: the pool does not say which share each node held (devices do not release it), so "
+                         "the audit cannot tell members from non-members; audit a single-machine run (demo --local)")
     rank_to_pid = [p["partition_id"] for p in provenance]
     return torch.tensor([int(parts[rank_to_pid[int(i) // 10**7]][int(i) % 10**7]) for i in ids.tolist()])
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from server.condense.batches import BatchStore, barrier, batch_generator, world
 from server.condense.guidance import parse_guidance_terms, teacher_guidance
 from server.condense.selection import plan_and_select, soft_labels
 from shared.cache import to_jsonable
@@ -133,15 +134,20 @@ def _z0_coefficient(sched, t: int, sampler: str) -> float:
 
 
 def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num_classes: int,
-             models: dict, chain_cfg: ChainConfig, cfg: CondenseConfig, device: torch.device) -> SyntheticSet:
+             models: dict, chain_cfg: ChainConfig, cfg: CondenseConfig, device: torch.device,
+             work: Optional[Path] = None) -> SyntheticSet:
     """Plan, select, run the chain batch by batch, label; then, where `cfg` asks, refine the chain's latents
     (server/condense/refine.py) and form factor^2 chain images into each stored image
-    (server/condense/formation.py). Deterministic for `cfg.seed`."""
+    (server/condense/formation.py). Deterministic for `cfg.seed`. `work`: a folder that keeps finished
+    batches, so that a killed run resumes, and that workers under torch.distributed share
+    (server/condense/batches.py); a rank other than 0 returns the chain's set unrefined."""
     start = time.time()
     if cfg.formation < 1 or (cfg.formation > 1 and cfg.ipc is None):
         raise ValueError(f"formation must be >= 1, and needs --ipc (not --ratio or --max-coverage); got {cfg.formation}")
     syn = run_chains(latents, labels, ids, num_classes, models, chain_cfg,
-                     replace(cfg, ipc=cfg.ipc * cfg.formation ** 2) if cfg.ipc else cfg, device)
+                     replace(cfg, ipc=cfg.ipc * cfg.formation ** 2) if cfg.ipc else cfg, device, work)
+    if world()[0] != 0:
+        return syn
     if cfg.refine_iterations:
         syn = refined(syn, latents, labels, num_classes, models["decoder"], cfg, device)
     syn = formed(syn, cfg.formation)
@@ -182,30 +188,51 @@ def formed(syn: SyntheticSet, factor: int) -> SyntheticSet:
 
 
 def run_chains(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num_classes: int,
-               models: dict, chain_cfg: ChainConfig, cfg: CondenseConfig, device: torch.device) -> SyntheticSet:
-    """One chain image per planned group of T real latents (claims 1-7)."""
+               models: dict, chain_cfg: ChainConfig, cfg: CondenseConfig, device: torch.device,
+               work: Optional[Path] = None) -> SyntheticSet:
+    """One chain image per planned group of T real latents (claims 1-7); batch b runs on worker b % N
+    and is kept in `work` when given (server/condense/batches.py)."""
     start = time.time()
     T = chain_cfg.T
     teacher = _guidance_teacher(models, cfg, T)
     selected = plan_and_select(labels.numpy(), cfg, T, cfg.seed, latents=latents.float().numpy())
     y = torch.from_numpy(soft_labels(labels.numpy(), selected, num_classes))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    images, finals = [], []
-    for lo in progress(range(0, len(selected), cfg.batch_size), desc="condense", unit="batch"):
-        batch = torch.from_numpy(selected[lo:lo + cfg.batch_size])
-        cond = latents[batch].to(device)
+    rank, workers = world()
+    if workers > 1 and work is None:
+        raise ValueError("a condensation over several workers needs a work folder they share (--out)")
+    store = None if work is None else BatchStore(work, batch_key(latents, selected, y, models, teacher, chain_cfg, cfg))
+    starts = list(range(0, len(selected), cfg.batch_size))
+    done = {}
+    for b in progress([b for b in range(len(starts)) if b % workers == rank], desc="condense", unit="batch"):
+        if store is not None and store.has(b):
+            continue
+        lo = starts[b]
+        cond = latents[torch.from_numpy(selected[lo:lo + cfg.batch_size])].to(device)
         guide = None if teacher is None else teacher_guidance(
             teacher, y[lo:lo + cfg.batch_size].float().to(device), cond, cfg.guidance_terms)
-        x, z = run_chain(cond, models["first_encoder"], models["second_encoder"],
-                         models["noise_estimators"], models["decoder"], chain_cfg, cfg, generator, guide)
-        images.append(x.float().cpu())
-        finals.append(z.float().cpu())
+        x, z = run_chain(cond, models["first_encoder"], models["second_encoder"], models["noise_estimators"],
+                         models["decoder"], chain_cfg, cfg, batch_generator(cfg.seed, b), guide)
+        done[b] = (x.float().cpu(), z.float().cpu())
+        if store is not None:
+            store.save(b, *done[b])
+    barrier()
+    parts = [done[b] if b in done else store.load(b) for b in range(len(starts))]
     uses = np.bincount(selected.ravel(), minlength=len(labels))
     meta = {"config": to_jsonable(cfg), "chain": to_jsonable(chain_cfg), "T": T, "num_classes": num_classes,
             "synthetic_images": len(selected), "real_latents": len(labels),
             "real_latents_used": int((uses > 0).sum()), "reuse_count": int((uses > 1).sum()),
+            "batches_resumed": len(starts) - len(done) if workers == 1 else None, "workers": workers,
             "seconds": time.time() - start}
-    return SyntheticSet(torch.cat(images), y, torch.cat(finals), ids[torch.from_numpy(selected)], meta)
+    return SyntheticSet(torch.cat([p[0] for p in parts]), y, torch.cat([p[1] for p in parts]),
+                        ids[torch.from_numpy(selected)], meta)
+
+
+def batch_key(latents, selected, y, models: dict, teacher, chain_cfg: ChainConfig, cfg: CondenseConfig) -> str:
+    """Everything a chain batch depends on: the pool, the plan, the labels, every model and the settings."""
+    from shared.cache import config_hash, fingerprint, state_fingerprint
+    nets = {k: state_fingerprint(models[k]) for k in ("first_encoder", "second_encoder", "noise_estimators", "decoder")}
+    return config_hash(fingerprint(latents), fingerprint(torch.from_numpy(np.ascontiguousarray(selected))),
+                       fingerprint(y), nets, state_fingerprint(teacher), chain_cfg, cfg)
 
 
 def _guidance_teacher(models: dict, cfg: CondenseConfig, T: int):

@@ -33,6 +33,9 @@ def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
     pool = LatentPool(out / "pool")
     fed = collect(grid, e1.cpu(), cfg.data, cfg.federation, release, pool, ds.num_classes, ds.native_shape)
     e1.to(device)
+    for entry in pool.provenance():      # nodes an earlier, interrupted run of this folder committed
+        fed["clients"].setdefault(str(entry["node_id"]), {k: entry.get(k) for k in
+                                                          ("ciphertext_bytes", "latents", "chunks", "mechanism")})
     arrived = canonical_pool(ImageSplit(*pool.load()))
     pooled_bytes = sum(entry.get("ciphertext_bytes", 0) for entry in pool.provenance())    # resumed nodes too
     fed["uplink_bytes_per_image"] = pooled_bytes / max(len(arrived), 1)
@@ -41,7 +44,7 @@ def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
     write_ledger(out, ledger)
     info = {"mode": "federated", "pretrain": ae["seconds"], "federation": fed, "privacy": ledger["summary"],
             "autoencoder": ae, "checkpoints": {"autoencoder": ae["path"]}}
-    fed["id_scheme"] = "rank * 10**7 + position; rank = line of pool/provenance.jsonl"
+    fed["id_scheme"] = "rank * 10**7 + position; rank = place of the node id among the pooled nodes, ascending"
     return condense_and_evaluate(ds, cfg, e1, dec, arrived, info, out, device)
 
 
@@ -71,7 +74,7 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
              "ae-steps", "chain-steps", "chain-batch", "module-steps", "student-steps", "full-epochs", "timeout",
              "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student", "student-loss", "prediction",
              "teacher-steps", "guidance", "guidance-terms", "guidance-steps", "retrain-baselines", "label-mechanism",
-             "label-share", "deadline", "retries"}
+             "label-share", "deadline", "retries", "condense-batch"}
     unknown = set(run_config) - known
     if unknown:
         raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")

@@ -26,7 +26,7 @@ from shared.accounting import ImageRelease
 from shared.config import DataConfig, FederationConfig
 from shared.durable import write_json
 from shared.models.first_encoder import FirstEncoder
-from shared.release import REFUSAL_FIELDS, REPLY_FIELDS
+from shared.release import ENCODER_MISSING, REFUSAL_FIELDS, REPLY_FIELDS
 from shared.sealing import Limits, Opener, SubmissionRejected, raw_public
 
 log = logging.getLogger("fedcondense.federation")
@@ -50,18 +50,31 @@ def mechanism_request(release: ImageRelease) -> dict:
             "label_epsilon": float(release.label_epsilon or 0.0)}
 
 
+def encoder_records(e1: FirstEncoder) -> dict:
+    """E1 as the records of a request (built once per collection, shared by every request that carries it)."""
+    return {"first_encoder": ArrayRecord(e1.state_dict()),
+            "first_encoder_config": ConfigRecord({"json": json.dumps(public_config(e1))})}
+
+
 def request(e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig, release: ImageRelease, run_id: str,
             server_public: bytes, node_id: int, round_: int, chunk: int, num_classes: int,
-            native_shape: tuple[int, int]) -> RecordDict:
+            native_shape: tuple[int, int], encoder: dict | None = None, e1_hash: str = "") -> RecordDict:
+    """One node's request for one chunk. `encoder`: E1's records (`encoder_records`) for a node that does not
+    hold them yet this run; without them, the node uses its copy, named by `e1_hash`."""
     side = data_cfg.image_size // 2 ** len(e1.config.channels)
     cfg = ConfigRecord({
         "run_id": run_id, "node_id": int(node_id), "round": round_, "chunk": chunk, "chunk_size": fed.chunk_size,
         "server_public": server_public, "data_config": json.dumps(asdict(data_cfg)), "iid": fed.iid,
         "alpha": float(fed.alpha), "partition_seed": fed.partition_seed, "threads": fed.client_threads,
-        "num_classes": num_classes, "native_shape": list(native_shape),
+        "num_classes": num_classes, "native_shape": list(native_shape), "encoder_sha256": e1_hash,
         "latent_shape": [e1.config.latent_channels, side, side], **mechanism_request(release)})
-    return RecordDict({"config": cfg, "first_encoder": ArrayRecord(e1.state_dict()),
-                       "first_encoder_config": ConfigRecord({"json": json.dumps(public_config(e1))})})
+    return RecordDict({"config": cfg, **(encoder or {})})
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Size of a message's records as Flower serialises them for the wire (protobuf, before gRPC framing)."""
+    from flwr.common.serde import recorddict_to_proto
+    return recorddict_to_proto(content).ByteSize()
 
 
 def public_config(model) -> dict:
@@ -117,6 +130,8 @@ class Collection:
         self.rejections: list[dict] = []
         self.refusals: dict[int, dict] = {}
         self.bytes_received = 0
+        self.holds_encoder: set[int] = set()        # nodes that replied to a request carrying E1 this run
+        self.encoder_resends: dict[int, int] = {}   # E1 sent again to a node that had lost it
 
     def drop(self, node: int, reason: str) -> None:
         discarded = self.pool.discard(node)
@@ -137,6 +152,9 @@ class Collection:
                 self.drop(node, f"client error: {str(reply.error.reason)[:300]}")
                 return
             kind, fields, mechanism = check_reply(reply.content)
+            if kind == "refusal" and fields["code"] == ENCODER_MISSING:
+                self.encoder_missing(node, fields["reason"])
+                return
             if kind == "refusal":
                 self.refusals[node] = fields
                 log.warning("node %s refused by its device policy: %s: %s", node, fields["code"], fields["reason"])
@@ -147,6 +165,15 @@ class Collection:
             self.reject(node, exc.code, exc.detail)
         except Exception as exc:             # a reply must never end the collection
             self.reject(node, "invalid", f"{type(exc).__name__}: {exc}")
+
+    def encoder_missing(self, node: int, reason: str) -> None:
+        """A node without E1 (restarted since it got it) is sent it again, at most `retries` times."""
+        self.holds_encoder.discard(node)
+        self.encoder_resends[node] = self.encoder_resends.get(node, 0) + 1
+        if self.encoder_resends[node] > self.fed.retries:
+            self.drop(node, f"lost the first encoder {self.encoder_resends[node]} times: {reason[:200]}")
+        else:
+            log.info("node %s holds no first encoder (%s); sending it again", node, reason[:200])
 
     def accept(self, node: int, env: dict, mechanism: dict) -> None:
         applied = {k: mechanism[k] for k in self.expected}
@@ -161,6 +188,7 @@ class Collection:
             raise SubmissionRejected("oversized", f"{env['num_chunks']} chunks declared (at most {max_chunks}, "
                                                   f"constant over a node's chunks)")
         latents, labels = self.opener.open(env, node, self.round)
+        self.holds_encoder.add(node)
         size = latents.numel() * 2 + labels.numel()
         if sum(self.staged_bytes.values()) + size > self.fed.max_staged_mb * 2**20:
             raise SubmissionRejected("staging_cap", f"staging {size} more bytes would pass the server's cap of "
@@ -201,8 +229,9 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
             pool: LatentPool, num_classes: int, native_shape: tuple[int, int], round_: int = 0) -> dict:
     """Runs the collection; returns the federation section of the report.
 
-    After every request round `pool.root/../collect_status.json` tells operators (and tests) where
-    the collection stands.
+    Nodes are asked in waves of at most `fed.wave` (nodes already under way first), which bounds the
+    requests in flight and the server's memory. After every request round `pool.root/../collect_status.json`
+    tells operators (and tests) where the collection stands.
     """
     key = X25519PrivateKey.generate()
     run_id = uuid.uuid4().hex
@@ -216,6 +245,9 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
     nodes = wait_for_nodes(grid, fed.clients, fed.connect_timeout)
     col = Collection(pool, opener, round_, expected, fed)
     col.next_chunk = {n: 0 for n in nodes if n not in done_before}
+    ask = lambda n, c: request(e1, data_cfg, fed, release, run_id, raw_public(key.public_key()), n, round_, c,
+                               num_classes, native_shape, None if n in col.holds_encoder else encoder, e1_hash)
+    encoder, traffic = encoder_records(e1), {"request_bytes": 0, "reply_bytes": 0, "encoder_sends": 0}
     start, requests, missed, retries = time.time(), 0, {}, []
     while col.next_chunk:
         left = fed.deadline - (time.time() - start)
@@ -223,19 +255,11 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
             for node in list(col.next_chunk):
                 col.drop(node, f"the collection's deadline of {fed.deadline:.0f}s passed")
             break
-        msgs = [Message(request(e1, data_cfg, fed, release, run_id, raw_public(key.public_key()), n, round_, c,
-                                num_classes, native_shape),
-                        dst_node_id=n, message_type="query.encode", group_id=f"collect-{round_}")
-                for n, c in col.next_chunk.items()]
-        attempt = max((missed.get(n, 0) for n in col.next_chunk), default=0)
+        wave = dict(list(col.next_chunk.items())[:max(1, fed.wave)])
+        attempt = max(missed.get(n, 0) for n in wave)
         wait = min(fed.timeout * fed.retry_backoff ** attempt + (fed.startup_grace if requests == 0 else 0.0), left)
-        replied = set()
-        for reply in grid.send_and_receive(msgs, timeout=wait):
-            node = reply.metadata.src_node_id
-            if node in col.next_chunk and node not in replied:
-                replied.add(node)
-                col.handle(node, reply)
-        for node in [n for n in col.next_chunk if n not in replied]:
+        replied = exchange(grid, [(n, ask(n, c)) for n, c in wave.items()], wait, col, round_, traffic)
+        for node in [n for n in wave if n not in replied and n in col.next_chunk]:
             missed[node] = missed.get(node, 0) + 1
             if missed[node] > fed.retries:
                 col.drop(node, f"no reply within {wait:.0f}s, after {fed.retries} retries")
@@ -249,9 +273,32 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
         status = {"requests": requests, "pending": {str(n): c for n, c in col.next_chunk.items()}, "retries": retries,
                   "committed": sorted(pool.committed_nodes()), "dropped": {str(n): r for n, r in col.dropped.items()}}
         write_json(pool.root.parent / "collect_status.json", status)
-    return {"run_id": run_id, "nodes": nodes, "resumed_nodes": sorted(done_before & set(nodes)),
+    return {"run_id": run_id, "nodes": nodes, "resumed_nodes": sorted(done_before),
             "accepted_nodes": sorted(pool.committed_nodes()), "dropped_nodes": col.dropped,
             "rejections": col.rejections, "refusals": {str(n): r for n, r in col.refusals.items()}, "retries": retries,
-            "bytes_received": col.bytes_received, "collect_seconds": time.time() - start,
-            "encoder_sha256": e1_hash, "requested_mechanism": expected,
+            "encoder_resends": {str(n): k for n, k in col.encoder_resends.items()},
+            "bytes_received": col.bytes_received, "traffic": {**traffic, "request_rounds": requests},
+            "collect_seconds": time.time() - start, "encoder_sha256": e1_hash, "requested_mechanism": expected,
             "clients": {str(n): s for n, s in col.stats.items()}}
+
+
+def exchange(grid, requests: list[tuple[int, RecordDict]], wait: float, col: Collection, round_: int,
+             traffic: dict) -> set[int]:
+    """Send one wave of requests, hand every first reply of a pending node to `col`; the nodes that replied."""
+    msgs = []
+    for node, content in requests:
+        traffic["request_bytes"] += record_bytes(content)
+        traffic["encoder_sends"] += "first_encoder" in content
+        msgs.append(Message(content, dst_node_id=node, message_type="query.encode", group_id=f"collect-{round_}"))
+    replied = set()
+    for reply in grid.send_and_receive(msgs, timeout=wait):
+        node = reply.metadata.src_node_id
+        if node in col.next_chunk and node not in replied:
+            replied.add(node)
+            if not reply.has_error():
+                try:
+                    traffic["reply_bytes"] += record_bytes(reply.content)
+                except Exception:          # not serialisable: `handle` rejects it, with its reason
+                    pass
+            col.handle(node, reply)
+    return replied

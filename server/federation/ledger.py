@@ -43,7 +43,9 @@ def guarantee(release: ImageRelease) -> dict:
 def build_ledger(cfg: DemoConfig, federation: dict, latent_shape: list[int], release: ImageRelease) -> dict:
     entry = guarantee(release)
     accepted = set(federation.get("accepted_nodes", []))
-    device_releases = [{"node_id": int(node), "accepted": int(node) in accepted, "records": st.get("latents"),
+    resumed = set(federation.get("resumed_nodes", []))
+    device_releases = [{"node_id": int(node), "accepted": int(node) in accepted,
+                        "committed_by_an_earlier_run": int(node) in resumed, "records": st.get("latents"),
                         "chunks": st.get("chunks"), "shape": [st.get("latents"), *latent_shape], "dtype": "float16",
                         "ciphertext_bytes": st.get("ciphertext_bytes"), "cipher": CIPHER,
                         "as_the_device_reported": st.get("mechanism")}

@@ -103,10 +103,11 @@ class LatentPool:
         return entry
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents fp32, labels, ids) over every committed node in commit order. Flower node ids are
-        64-bit unsigned, so ids are `rank * 10**7 + position`, rank = the node's line in provenance."""
+        """(latents fp32, labels, ids) over every committed node in ascending node id. Flower node ids are
+        64-bit unsigned, so ids are `rank * 10**7 + position`, rank = the node's place among the pooled node
+        ids in ascending order: the same whatever order the nodes arrived in, or over how many runs."""
         zs, ys, ids = [], [], []
-        for rank, entry in enumerate(self.provenance()):
+        for rank, entry in enumerate(sorted(self.provenance(), key=lambda e: e["node_id"])):
             t = load_file(str(self.root / entry["file"]))
             zs.append(t["latents"].float())
             ys.append(t["labels"].long())
