@@ -3,9 +3,10 @@ apply the mechanisms, seal, reply (docs/spec.md §1, federated scenario; docs/pr
 
 Every message carries the server key, the parameters and the chunk index. E1's weights travel once per node
 and run: the first request carries them, the node keeps them in its run state (`context.state`, which Flower
-hands to every message of the run, in a fresh process or not), and later requests name them by hash; a node
-that has lost them (restarted) answers `encoder_missing` and the server sends them again. Pixels never leave this function, and what does leave
-is exactly `shared/release.py`'s fields. Timings and memory stay in the device's own log.
+hands to every message of the run, in a fresh process or not), and later requests name them by hash; a
+node that has lost them (restarted) answers `encoder_missing` and the server sends them again. Pixels
+never leave this function, and what does leave is exactly `shared/release.py`'s fields. Timings and
+memory stay in the device's own log.
 
 Where the images come from (node config):
 - `data-dir=/path`: the device's own folder (client/local_data.py), as a deployed edge device runs;

@@ -7,6 +7,7 @@ by PID (its whole process group), also when the test fails.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,6 +24,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, node_configs: list[str], spare_keys: int = 0):
+    """Certificates, the SuperLink, the gateway, and one registered SuperNode per node config (node i has
+    `node_configs[i]`); `spare_keys` more node keys, unregistered. Everything is stopped at the end."""
+    from server.federation.certs import make_certificates
+    certs = make_certificates(root / "certs", ["localhost", "127.0.0.1"], nodes=len(node_configs) + spare_keys)
+    cl = Cluster(root, certs)
+    try:
+        cl.start_superlink()
+        cl.start_gateway()
+        for i, node_config in enumerate(node_configs):
+            cl.register(i)
+            cl.start_supernode(i, node_config)
+        yield cl
+    finally:
+        cl.stop_all()
 
 
 class Cluster:

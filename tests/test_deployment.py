@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.federation.certs import make_certificates
 from shared.config import DataConfig
 from shared.data import stored_splits
-from tests.flower_cluster import BIN, REPO, Cluster
+from tests.flower_cluster import BIN, REPO, running_cluster
 
 # timeout: each request starts a fresh ClientApp process on every node (~5 s of CPU to import torch and
 # diffusers); beside `make test`'s other worker, healthy nodes once took over 20 s and all three were dropped.
@@ -45,20 +44,10 @@ def write_device_folders(root):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
-    certs = make_certificates(root / "certs", ["localhost", "127.0.0.1"], nodes=4)
     png, idx = write_device_folders(root)
-    cl = Cluster(root, certs)
-    try:
-        cl.start_superlink()
-        cl.start_gateway()
-        for i in range(3):
-            cl.register(i)
-        cl.start_supernode(0, f"data-dir='{png}'")
-        cl.start_supernode(1, f"data-dir='{idx}'")
-        cl.start_supernode(2, "partition-id=2 num-partitions=3")
+    with running_cluster(root, [f"data-dir='{png}'", f"data-dir='{idx}'", "partition-id=2 num-partitions=3"],
+                         spare_keys=1) as cl:
         yield cl
-    finally:
-        cl.stop_all()
 
 
 def start_run(cluster, out, federation="fed"):

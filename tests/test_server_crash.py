@@ -12,8 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from server.federation.certs import make_certificates
-from tests.flower_cluster import Cluster
+from tests.flower_cluster import running_cluster
 from tests.test_deployment import wait_report
 
 pytestmark = pytest.mark.slow
@@ -25,19 +24,11 @@ RUN = ("clients=3 train-limit=1200 test-limit=300 T=5 ae-steps=30 chain-steps=30
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crash")
-    certs = make_certificates(root / "certs", ["localhost", "127.0.0.1"], nodes=3)
-    cl = Cluster(root, certs)
-    try:
-        cl.start_superlink()
-        cl.start_gateway()
-        for i in range(3):
-            cl.register(i)
-            cl.start_supernode(i, f"partition-id={i} num-partitions=3")
-        yield cl
-    finally:
-        cl.stop_all()
-        kill_server_apps(cl)
+    with running_cluster(tmp_path_factory.mktemp("crash"), [f"partition-id={i} num-partitions=3" for i in range(3)]) as cl:
+        try:
+            yield cl
+        finally:
+            kill_server_apps(cl)
 
 
 def start_run(cluster, out):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.durable import fsync_dir
+from shared.durable import fsync_dir, write_json
 
 SEED_STRIDE = 1_000_003        # batch b of seed s draws from seed s + b * SEED_STRIDE; batch 0 from s itself
 
@@ -69,8 +69,7 @@ class BatchStore:
             for stale in self.folder.glob("*.tmp"):
                 stale.unlink()
             if not marker.exists():
-                marker.write_text(json.dumps({"key": key}))
-                fsync_dir(self.folder)
+                write_json(marker, {"key": key})
         barrier()
 
     def path(self, batch: int) -> Path:

@@ -247,7 +247,8 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
     col.next_chunk = {n: 0 for n in nodes if n not in done_before}
     ask = lambda n, c: request(e1, data_cfg, fed, release, run_id, raw_public(key.public_key()), n, round_, c,
                                num_classes, native_shape, None if n in col.holds_encoder else encoder, e1_hash)
-    encoder, traffic = encoder_records(e1), {"request_bytes": 0, "reply_bytes": 0, "encoder_sends": 0}
+    encoder = encoder_records(e1)
+    traffic = {"request_bytes": 0, "reply_bytes": 0, "encoder_sends": 0, "encoder_bytes": record_bytes(RecordDict(encoder))}
     start, requests, missed, retries = time.time(), 0, {}, []
     while col.next_chunk:
         left = fed.deadline - (time.time() - start)
@@ -286,9 +287,11 @@ def exchange(grid, requests: list[tuple[int, RecordDict]], wait: float, col: Col
              traffic: dict) -> set[int]:
     """Send one wave of requests, hand every first reply of a pending node to `col`; the nodes that replied."""
     msgs = []
-    for node, content in requests:
-        traffic["request_bytes"] += record_bytes(content)
-        traffic["encoder_sends"] += "first_encoder" in content
+    for node, content in requests:                 # E1's size is measured once, not serialised per request
+        carries = "first_encoder" in content
+        traffic["request_bytes"] += record_bytes(RecordDict({"config": content["config"]})) + \
+            carries * traffic["encoder_bytes"]
+        traffic["encoder_sends"] += carries
         msgs.append(Message(content, dst_node_id=node, message_type="query.encode", group_id=f"collect-{round_}"))
     replied = set()
     for reply in grid.send_and_receive(msgs, timeout=wait):
