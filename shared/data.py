@@ -22,6 +22,7 @@ from shared.config import DataConfig
 from shared.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
+DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"      # Debian's dataset-fashion-mnist
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
     "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz",
@@ -49,7 +50,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 @DATASETS.register("fashion-mnist")
 def load_idx_dir(data_dir: str | None = None) -> dict[str, np.ndarray]:
-    root = Path(data_dir or "/usr/share/datasets/fashion-mnist")
+    root = Path(data_dir or DEFAULT_DATA_DIR)
     missing = [name for name in IDX_FILES.values() if not (root / name).exists()]
     if missing:
         raise FileNotFoundError(
@@ -110,8 +111,8 @@ def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=2)
 def read_dataset(name: str, data_dir: str | None) -> dict[str, np.ndarray]:
     """The stored arrays (uint8; ~55 MB for Fashion-MNIST), memory-mapped from an uncompressed copy in the
-    cache (written once, atomically): a process touches only the rows it indexes, so a device of a
-    simulated federation reads its own share, not the whole set."""
+    cache (written once, atomically); a device of a simulated federation reads its own rows from it
+    (`private_share`), not the whole set."""
     from shared.cache import cache_root
     root = cache_root() / "datasets" / f"{name}-{_source_key(name, data_dir)}"
     if not (root / "complete").exists():
@@ -130,7 +131,7 @@ def read_dataset(name: str, data_dir: str | None) -> dict[str, np.ndarray]:
 
 def _source_key(name: str, data_dir: str | None) -> str:
     """Names the source files by path, size and modification time, so a changed file is read again."""
-    folder = Path(data_dir or "/usr/share/datasets/fashion-mnist")
+    folder = Path(data_dir or DEFAULT_DATA_DIR)
     stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.glob("*") if p.is_file())
     return hashlib.sha256(json.dumps([name, str(folder.resolve()), stats]).encode()).hexdigest()[:16]
 
