@@ -9,7 +9,8 @@ from pathlib import Path
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 NAMES = {"ours_patent": "ours: the gradient-free chain (docs/spec.md §1)", "ours": "ours: chain + teacher guidance",
          "ours_refined": "**ours: chain + guidance + latent refinement**", "ours_formed": "ours, multi-image formation x4",
-         "ours_formed_refined": "ours, formation x4 + refinement", "random_real": "random real subset",
+         "ours_formed_refined": "ours, formation x4 + refinement",
+         "ours_mixed_refined": "ours, mixed class plan (soft labels n_c/T) + refinement", "random_real": "random real subset",
          "random_real_formed": "random real, formation x4", "herding": "herding coreset", "k_center": "k-center coreset",
          "dm": "DM", "full_real": "all 54,000 private images", "max_coverage": "ours, max coverage (1/T of the data)",
          "synthetic": "**ours** (the demo's set)"}

@@ -45,7 +45,8 @@ PUBLISHED = {  # Fashion-MNIST, ConvNet-3, hard labels, IPC 1 / 10 / 50 (each pa
     "herding (DC's table)": (67.0, 71.1, 71.9), "k-center (DC's table)": (66.9, 54.7, 68.3),
     "whole dataset (DC's table)": (93.5, 93.5, 93.5)}
 OURS = {"ours_patent": dict(guidance=0.0), "ours": {}, "ours_refined": dict(refine=True),
-        "ours_formed": dict(formation=2), "ours_formed_refined": dict(formation=2, refine=True)}
+        "ours_formed": dict(formation=2), "ours_formed_refined": dict(formation=2, refine=True),
+        "ours_mixed_refined": dict(class_plan="mixed", refine=True)}
 ARMS = (*OURS, "random_real", "random_real_formed", "herding", "k_center", "dm")
 
 
@@ -178,23 +179,25 @@ def ours_sets(ipc: int, ctx: dict, cfg: StandardBenchConfig, dev, run: Run) -> l
     pool, k = ctx["pool"], ctx["ds"].num_classes
     wanted = [a for a in cfg.arms if a in OURS]
     chains: dict = {}                                            # (guided, factor) -> [chain set per seed]
+    chain_key = lambda opts: (opts.get("guidance", cfg.condense.guidance), opts.get("formation", 1),
+                              opts.get("class_plan", cfg.condense.class_plan))
     for arm in wanted:
-        opts = OURS[arm]
-        key = (opts.get("guidance", cfg.condense.guidance), opts.get("formation", 1))
+        key = chain_key(OURS[arm])
         if key in chains:
             continue
         chains[key] = []
         for seed in cfg.seeds:
-            ccfg = replace(cfg.condense, ipc=ipc * key[1] ** 2, seed=seed, guidance=key[0], formation=1)
+            ccfg = replace(cfg.condense, ipc=ipc * key[1] ** 2, seed=seed, guidance=key[0], formation=1,
+                           class_plan=key[2])
             syn = run_chains(pool.images, pool.labels, pool.ids, k, ctx["models"], cfg.chain, ccfg, dev)
             chains[key].append(syn)
-            run.doc["condense_seconds"].setdefault(f"chain|guidance{key[0]}|x{key[1] ** 2}|ipc{ipc}", []).append(
-                syn.meta["seconds"])
+            run.doc["condense_seconds"].setdefault(f"chain|guidance{key[0]}|x{key[1] ** 2}|{key[2]}|ipc{ipc}",
+                                                   []).append(syn.meta["seconds"])
     out = []
     for arm in wanted:
         opts = OURS[arm]
         factor = opts.get("formation", 1)
-        base = chains[(opts.get("guidance", cfg.condense.guidance), factor)]
+        base = chains[chain_key(opts)]
         if opts.get("refine"):
             rcfg = replace(cfg.condense, refine_iterations=cfg.refine_iterations, refine_lr=cfg.refine_lr,
                            formation=factor, seed=cfg.seeds[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ORDER = ("ours_patent", "ours", "ours_refined", "ours_formed", "ours_formed_refined", "random_real",
+ORDER = ("ours_patent", "ours", "ours_refined", "ours_formed", "ours_formed_refined", "ours_mixed_refined", "random_real",
          "random_real_formed", "herding", "k_center", "dm", "max_coverage", "full_real")
 
 
@@ -26,6 +26,9 @@ def markdown(doc: dict) -> str:
     for arm in ORDER:
         if any(k[0] == arm for k in rows) and arm not in ("full_real", "max_coverage"):
             lines.append(f"| {arm} | " + " | ".join(_cell(rows, arm, i, e) for i in ipcs for e in epochs) + " |")
+        if any(k[0] == arm and k[3] == "soft" for k in rows):
+            lines.append(f"| {arm}, its own labels n_c/T | " + " | ".join(_cell(rows, arm, i, e, "soft") for i in ipcs
+                                                                          for e in epochs) + " |")
     for name, figs in doc["published"].items():
         lines.append(f"| *{name}* | " + " | ".join(
             (f"{figs[(1, 10, 50).index(i)]}" if i in (1, 10, 50) and e == epochs[0] else "") for i in ipcs for e in epochs) + " |")

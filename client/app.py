@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from client.encode import encode_images
 from client.local_data import load_local_folder
 from client.policy import DevicePolicy, PolicyRefusal, encoder_sha256
-from client.privacy import gaussian_mechanism, randomized_response
+from client.privacy import release_records
 from shared.accounting import ImageRelease
 from shared.config import DataConfig
 from shared.data import StoredSplit, private_share
@@ -69,7 +69,8 @@ def local_records(cfg: ConfigRecord, node_config: dict) -> StoredSplit:
 def requested_release(cfg: ConfigRecord) -> ImageRelease:
     label_mech = str(cfg["label_mechanism"])
     return ImageRelease(float(cfg["clip_norm"]), float(cfg["noise_multiplier"]), float(cfg["delta"]), label_mech,
-                        float(cfg["label_epsilon"]) or None, int(cfg["num_classes"]))
+                        float(cfg["label_epsilon"]) or None, int(cfg["num_classes"]),
+                        group_size=int(cfg.get("group_size", 1)))
 
 
 class EncoderMissing(Exception):
@@ -108,18 +109,14 @@ def encode_chunk(content: RecordDict, context: Context) -> tuple[dict, dict]:
         raise ValueError(f"chunk {chunk} requested, this device holds {num_chunks}")
     part = local.subset(torch.arange(chunk * size, min((chunk + 1) * size, len(local)))).converted()
     start = time.time()
-    latents = gaussian_mechanism(encode_images(e1, part.images, device=torch.device("cpu")), release.clip_norm,
-                                 release.noise_multiplier)
-    labels = part.labels
-    if release.private and release.label_mechanism == "randomized_response":
-        labels = randomized_response(labels, release.label_epsilon, release.num_classes)
+    latents, labels = release_records(encode_images(e1, part.images, device=torch.device("cpu")), part.labels, release)
     env = seal(encode_payload(latents, labels), bytes(cfg["server_public"]), str(cfg["run_id"]), int(cfg["node_id"]),
                int(cfg["round"]), chunk, num_chunks)
-    log.info("chunk %d/%d: %d records in %.2fs, peak RSS %.0f MB", chunk + 1, num_chunks, len(part),
-             time.time() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    log.info("chunk %d/%d: %d records (%d released) in %.2fs, peak RSS %.0f MB", chunk + 1, num_chunks, len(part),
+             len(labels), time.time() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     mechanism = {"clip_norm": release.clip_norm, "noise_multiplier": release.noise_multiplier, "delta": release.delta,
                  "label_mechanism": release.label_mechanism, "label_epsilon": float(release.label_epsilon or 0.0),
-                 "epsilon": float(epsilon), "encoder_sha256": e1_hash}
+                 "group_size": release.group_size, "epsilon": float(epsilon), "encoder_sha256": e1_hash}
     return env, mechanism
 
 

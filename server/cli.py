@@ -82,17 +82,19 @@ def cmd_student(args) -> int:
     syn = SyntheticSet.load(Path(args.synthetic))
     ds = load_dataset(cfg.data)
     device = resolve_device(cfg.device)
+    work = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if args.protocol == "standard":
         from server.distill.evaluate import LabelledSet, evaluate_sets
         from shared.config import EvaluationConfig, override
         ecfg = override(EvaluationConfig(), epochs=args.epochs, evaluators=args.evaluators, labels=args.labels)
         result = evaluate_sets([LabelledSet("synthetic", syn.images, syn.labels, syn.meta.get("formation", 1))],
-                               ds.test, ecfg, device)
+                               ds.test, ecfg, device, work)
     else:
         from server.condense.formation import expand
         from server.distill.student import fit_and_score
         images, labels = expand(syn.images, syn.labels, syn.meta.get("formation", 1))
-        result = fit_and_score(images, labels, ds.test, cfg.student, device, loss=args.loss)
+        result = fit_and_score(images, labels, ds.test, cfg.student, device, loss=args.loss,
+                               checkpoint=work / "student.pt" if work else None)
         result["protocol"] = "teacher-kd" if args.loss != "soft_ce" else "soft labels, no teacher"
     print(json.dumps(result, indent=2))
     return 0
@@ -199,10 +201,31 @@ def cmd_bench_federation(args) -> int:
     return 0
 
 
+def cmd_bench_privacy(args) -> int:
+    from benchmarks.privacy_curve import PrivacyCurveConfig, markdown, plot, run_privacy_curve
+    preset = {k: tuple(v) for k, v in (("epsilons", args.epsilons), ("group_sizes", args.group_sizes),
+                                        ("seeds", args.seeds)) if v}
+    preset.update({k: getattr(args, k) for k in ("evaluators", "budget_s") if getattr(args, k, None) is not None})
+    if args.ipc:
+        preset["ipc"] = args.ipc[0]
+    if args.epochs:
+        preset["epochs"] = args.epochs[0]
+    cfg = PrivacyCurveConfig(demo=demo_config(args), **preset,
+                             **({"label_mechanism": args.label_mechanism} if getattr(args, "label_mechanism", None) else {}))
+    path = run_privacy_curve(cfg, Path(args.out))
+    doc = json.loads(path.read_text())
+    plot(doc, path.with_suffix(".png"))
+    print(markdown(doc))
+    print(f"results: {path} (+ {path.with_suffix('.png').name})")
+    return 0
+
+
 def cmd_bench(args) -> int:
     harness = _benchmarks()
     if args.federation:
         return cmd_bench_federation(args)
+    if args.privacy_curve:
+        return cmd_bench_privacy(args)
     if args.protocol == "standard":
         return cmd_bench_standard(args, harness)
     base = demo_config(args)
@@ -333,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluators", type=int, default=None, help="standard: evaluator seeds (default 5)")
     p.add_argument("--labels", choices=["hard", "soft"], default=None, help="standard: argmax or the set's own labels")
     p.add_argument("--loss", default="soft_ce", help="teacher-kd: the student's loss spec")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="keep the training state here every minute; the same command started again resumes it "
+                        "and trains the same model, bit for bit")
     add_common(p)
     add_student(p)
     p.set_defaults(fn=cmd_student)
@@ -383,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--federation: how the private split is cut (default: dirichlet iid)")
     p.add_argument("--doc", default=None, help="--federation: rewrite the table between the federation-bench "
                                                "markers of this page (docs/scale.md)")
+    p.add_argument("--privacy-curve", action="store_true",
+                   help="the released set's accuracy (standard protocol) against the devices' epsilon, local DP "
+                        "(benchmarks/privacy_curve.py)")
+    p.add_argument("--epsilons", type=float, nargs="+", default=None,
+                   help="--privacy-curve: per-record epsilons (default 0.5 1 3 8 10; delta 1e-5)")
+    p.add_argument("--group-sizes", type=int, nargs="+", default=None,
+                   help="--privacy-curve: device group sizes k (default 1 16)")
     add_common(p)
     add_student(p)
     add_teacher(p)

@@ -81,6 +81,12 @@ def add_federation(p: argparse.ArgumentParser) -> None:
                         "(the epsilon then covers latents only; the report says so in bold)")
     p.add_argument("--label-share", type=float, default=None,
                    help="share of --target-epsilon spent on randomized-response labels (default 0.25)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="with --target-epsilon: each device releases the mean of this many same-label latents, "
+                        "noised k times less at the same epsilon (default 1: every latent)")
+    p.add_argument("--denoise", choices=["wiener", "none"], default=None,
+                   help="with --target-epsilon: the server replaces each noised latent by its posterior mean under a "
+                        "per-class prior from the public split (default wiener; post-processing, no privacy cost)")
     p.add_argument("--deadline", type=float, default=None, help="seconds the whole collection may take")
     p.add_argument("--retries", type=int, default=None,
                    help="ask a node that missed a round's timeout again this often before dropping it (default 2)")
@@ -115,7 +121,12 @@ def demo_config(args):
                        chunk_size=args.chunk_size, partition_seed=args.seed, iid=args.iid or None,
                        target_epsilon=args.target_epsilon, delta=args.delta, clip_norm=args.clip_norm,
                        label_mechanism=args.label_mechanism, label_share=args.label_share, deadline=args.deadline,
-                       retries=args.retries)
+                       retries=args.retries, group_size=args.group_size,
+                       denoise=args.denoise)
+        if fed.group_size < 1:
+            raise ValueError(f"--group-size must be >= 1, got {fed.group_size}")
+        if fed.group_size > 1 and not fed.target_epsilon:
+            raise ValueError("--group-size averages latents for the DP mechanism; give --target-epsilon as well")
     eval_seeds = getattr(args, "eval_seeds", None)
     eval_seeds = cfg.eval_seeds if eval_seeds is None else eval_seeds
     if eval_seeds < 1:

@@ -82,33 +82,37 @@ def run_ipc(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, ipc: i
     """`pool`: the real latents (as `images`) with labels and ids that the server condenses.
     Every student arm trains with the same recipe: `cfg.student.loss`, with `teacher` when it has one."""
     ccfg = replace(cfg.condense, ipc=ipc)
-    syn = condense_resumable(pool, ds, models, cfg, ccfg, device, out / f".condense-ipc{ipc}")
+    work = out / f".condense-ipc{ipc}"
+    syn = condense_resumable(pool, ds, models, cfg, ccfg, device, work)
     syn.save(out / f"ipc{ipc}", ds.class_names)
     result = {"ipc": ipc, "synthetic_images": len(syn), "real_images_used": syn.meta["real_latents_used"],
               "seconds_condense": syn.meta["seconds"],
-              **_score_arms(ds, syn, cfg, cfg.student, device, teacher, f"ipc{ipc}")}
+              **_score_arms(ds, syn, cfg, cfg.student, device, teacher, f"ipc{ipc}", work / "students")}
+    shutil.rmtree(work, ignore_errors=True)
     if cfg.eval_seeds > 1:
         result["over_seeds"] = _over_seeds(ds, models, pool, cfg, ccfg, result, device, teacher, out)
     return result
 
 
 def condense_resumable(pool: ImageSplit, ds: Dataset, models: dict, cfg: DemoConfig, ccfg, device, work: Path):
-    """`condense` keeping finished chain batches in `work` until the set is made: a run killed during
-    condensation and started again resumes there, with the same result (server/condense/batches.py)."""
-    syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, ccfg, device, work)
-    shutil.rmtree(work, ignore_errors=True)
-    return syn
+    """`condense` keeping finished chain batches in `work`: a run killed during condensation, or during the
+    students that follow it (their checkpoints are kept in `work/students`), and started again resumes
+    there, with the same result (server/condense/batches.py, shared/checkpoint.py). The caller removes
+    `work` once the set is scored."""
+    return condense(pool.images, pool.labels, pool.ids, ds.num_classes, models, cfg.chain, ccfg, device, work)
 
 
 def _score_arms(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: StudentConfig, device, teacher,
-                tag: str) -> dict:
+                tag: str, work: Path | None = None) -> dict:
     """The synthetic arm, and the random real arm of the same per-class counts (drawn with the student's
-    seed) when `cfg.baselines` asks for it; both with `student`'s recipe."""
+    seed) when `cfg.baselines` asks for it; both with `student`'s recipe. `work`: the students'
+    training checkpoints (shared/checkpoint.py)."""
     if cfg.protocol == "standard":
-        return _score_standard(ds, syn, cfg, student, device)
+        return _score_standard(ds, syn, cfg, student, device, work)
     images, labels = expand(syn.images, syn.labels, syn.meta.get("formation", 1))
     arms = {"synthetic": fit_and_score(images, labels, ds.test, student, device, loss=student.loss,
-                                       desc=f"student {tag}", teacher=teacher)}
+                                       desc=f"student {tag}", teacher=teacher,
+                                       checkpoint=work / "synthetic.pt" if work else None)}
     if "random_real" in cfg.baselines:
         real = random_real_like(ds.private, syn, student.seed)
         arms["random_real"] = baseline_score("random_real", real.images, one_hot(real.labels, ds.num_classes), ds.test,
@@ -117,14 +121,16 @@ def _score_arms(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: Studen
     return arms
 
 
-def _score_standard(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: StudentConfig, device) -> dict:
+def _score_standard(ds: Dataset, syn: SyntheticSet, cfg: DemoConfig, student: StudentConfig, device,
+                    work: Path | None = None) -> dict:
     """The field's standard protocol (server/distill/evaluate.py): ConvNet-3 evaluators from scratch on each set alone;
     the random real arm has the synthetic set's per-class counts, drawn with the student seed."""
     sets = [LabelledSet("synthetic", syn.images, syn.labels, syn.meta.get("formation", 1))]
     if "random_real" in cfg.baselines:
         real = random_real_like(ds.private, syn, student.seed)
         sets.append(LabelledSet("random_real", real.images, one_hot(real.labels, ds.num_classes)))
-    result = evaluate_sets(sets, ds.test, replace(cfg.evaluation, seed=cfg.evaluation.seed + student.seed), device)
+    result = evaluate_sets(sets, ds.test, replace(cfg.evaluation, seed=cfg.evaluation.seed + student.seed), device,
+                           work)
     share = result["seconds"] / len(sets)
     return {name: {"accuracy": r["mean"], "std": r["std"], "evaluators": r["accuracy"], "seconds": share,
                    "images": r["stored_images"], "epochs": cfg.evaluation.epochs, "protocol": "standard"}
@@ -141,10 +147,11 @@ def _over_seeds(ds: Dataset, models: dict, pool: ImageSplit, cfg: DemoConfig, cc
     acc = {k: [first[k]["accuracy"]] for k in ("synthetic", "random_real") if k in first}
     reused = [0] if "cached" in first.get("random_real", {}) else []
     for s in range(1, cfg.eval_seeds):
-        syn = condense_resumable(pool, ds, models, cfg, replace(ccfg, seed=ccfg.seed + s), device,
-                                 out / f".condense-ipc{ccfg.ipc}-seed+{s}")
+        work = out / f".condense-ipc{ccfg.ipc}-seed+{s}"
+        syn = condense_resumable(pool, ds, models, cfg, replace(ccfg, seed=ccfg.seed + s), device, work)
         arms = _score_arms(ds, syn, cfg, replace(cfg.student, seed=cfg.student.seed + s), device, teacher,
-                           f"ipc{ccfg.ipc} seed +{s}")
+                           f"ipc{ccfg.ipc} seed +{s}", work / "students")
+        shutil.rmtree(work, ignore_errors=True)
         for k, r in arms.items():
             acc[k].append(r["accuracy"])
         reused += [s] if "cached" in arms.get("random_real", {}) else []
@@ -196,15 +203,40 @@ def canonical_pool(pool: ImageSplit) -> ImageSplit:
     return ImageSplit(z[idx].float(), pool.labels[idx], pool.ids[idx])
 
 
+def released_pool(ds: Dataset, e1, pool: ImageSplit, release, device: torch.device,
+                  denoise: str = "wiener") -> tuple[ImageSplit, ImageSplit, dict]:
+    """(the pool the server condenses, the latents its chain trains on, notes for the report).
+
+    Without noise both are `pool`. Under local DP the chain trains on the public split's latents, clean and
+    free, instead of on noise; and the pool is replaced by its posterior means (server/condense/denoise.py)
+    unless `denoise` is 'none'. Both are post-processing of released values and public data."""
+    if release is None or not release.private:
+        return pool, pool, {"chain_trained_on": "pool"}
+    from server.condense.denoise import class_covariances, wiener_denoise
+    public = encode_images(e1, ds.public.images, device=device)
+    notes = {"chain_trained_on": "public split (the pool is noised)", "pool_denoising": denoise,
+             "noise_std": release.noise_std, "group_size": release.group_size}
+    if denoise == "wiener":
+        prior = class_covariances(public, ds.public.labels, ds.num_classes, release.clip_norm)
+        pool = ImageSplit(wiener_denoise(pool.images, pool.labels, prior, release.noise_std, release.group_size),
+                          pool.labels, pool.ids)
+    elif denoise != "none":
+        raise ValueError(f"unknown pool denoising '{denoise}'; use 'wiener' or 'none'")
+    return pool, ImageSplit(public, ds.public.labels, ds.public.ids), notes
+
+
 def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSplit, info: dict, out: Path,
-                          device: torch.device) -> dict:
+                          device: torch.device, release=None) -> dict:
     """Server steps after the latents are in: E2 + chain, condensation per IPC, students, report.
+    `release`: the devices' mechanism (shared.accounting.ImageRelease) when the pool is noised.
 
     The random-real and full-real arms are evaluation baselines computed by the harness, which can
     see the real data; the server itself only ever holds `pool` (latents).
     """
-    committed = committed_match(e1, pool, ds, noised=bool((info.get("privacy") or {}).get("mechanism", "none") != "none"))
-    models, chain = chain_models(e1, dec, pool, cfg, device, committed)
+    denoise = cfg.federation.denoise if cfg.federation else "wiener"
+    pool, chain_source, info["released_pool"] = released_pool(ds, e1, pool, release, device, denoise)
+    committed = committed_match(e1, chain_source, ds, noised=release is not None and release.private)
+    models, chain = chain_models(e1, dec, chain_source, cfg, device, committed)
     info = {**info, "pretrain": info["pretrain"] + chain["seconds"],
             "checkpoints": {**info["checkpoints"], "chain": chain["path"]}}
     info["committed_checkpoints"] = {k: v["committed"] for k, v in (("autoencoder", info.get("autoencoder", {})),
@@ -277,7 +309,7 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
                     "student": sum(r[k]["seconds"] for r in per_ipc for k in ("synthetic", "random_real") if k in r)
                                + (full["seconds"] if full else 0.0),
                     "over_seeds": sum(r["over_seeds"]["seconds"] for r in per_ipc if "over_seeds" in r)},
-        "federation": info.get("federation"), "privacy": info.get("privacy"),
+        "federation": info.get("federation"), "privacy": info.get("privacy"), "released_pool": info.get("released_pool"),
         "per_ipc": per_ipc, "full_real": full, "baselines_reused": reused_baselines(per_ipc, full),
         "device": device_name(device), "checkpoints": info["checkpoints"], "config": to_jsonable(cfg),
     }

@@ -4,7 +4,15 @@ Per image a device releases a pair: its latent through the Gaussian mechanism (c
 then N(0, (sigma C)^2 I) noise) and its label through k-ary randomized response with epsilon_label,
 or in the clear when the operator declares labels public. Neighbouring relation: two datasets that
 differ in ONE (image, label) record, the dataset size staying fixed (replace-one, "bounded" DP), so
-the released latent moves by at most 2C and the label by one bucket. With public labels the relation
+the released latent moves by at most 2C and the label by one bucket.
+
+Group means (`group_size` k > 1): the device releases, instead of each latent, the mean of k clipped
+latents that share a released label, with noise N(0, (sigma C / k)^2 I). Groups are cut by an OS-random
+permutation that depends on the released labels alone, and each record joins at most one group, so
+replacing one record moves one released mean by at most 2C / k: the same sigma gives the same epsilon
+per record as the per-record release, with k times less noise on what is released. The labels (or
+randomized-response labels) are released first; the grouping is adaptive on them, which the
+composition covers. With public labels the relation
 narrows to "replace one image by another of the same class", and the report says so in bold.
 
 The epsilon of the pair is the exact composition of both mechanisms in dp-accounting's PLD
@@ -50,8 +58,11 @@ class ImageRelease:
     label_epsilon: Optional[float] = None
     num_classes: int = 10
     releases: int = 1
+    group_size: int = 1                  # k > 1: the mean of k same-label clipped latents per release
 
     def __post_init__(self):
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be an integer >= 1, got {self.group_size!r}")
         if self.label_mechanism not in LABEL_MECHANISMS:
             raise ValueError(f"unknown label mechanism '{self.label_mechanism}'; choose one of {LABEL_MECHANISMS}")
         if self.label_mechanism == "randomized_response" and self.private and not (self.label_epsilon or 0) > 0:
@@ -63,7 +74,21 @@ class ImageRelease:
 
     @property
     def neighbouring(self) -> str:
-        return NEIGHBOURING if self.label_mechanism == "randomized_response" else NEIGHBOURING_PUBLIC_LABELS
+        text = NEIGHBOURING if self.label_mechanism == "randomized_response" else NEIGHBOURING_PUBLIC_LABELS
+        if self.group_size == 1:
+            return text
+        return text.replace("latent L2 sensitivity 2C", f"L2 sensitivity 2C/{self.group_size} of the one group mean "
+                                                         f"the record joins")
+
+    @property
+    def latent_sensitivity(self) -> float:
+        """L2 distance one replaced record can move one released latent (or group mean)."""
+        return 2 * self.clip_norm / self.group_size
+
+    @property
+    def noise_std(self) -> float:
+        """Per-coordinate std of the noise on each released latent (or group mean)."""
+        return self.noise_multiplier * self.clip_norm / self.group_size
 
     def _label_event(self) -> list:
         if self.label_mechanism != "randomized_response":
@@ -85,8 +110,9 @@ class ImageRelease:
 
     def ledger_entry(self) -> dict:
         rr = self.label_mechanism == "randomized_response" and self.private
-        return {"mechanism": "gaussian latent + " + ("randomized-response label" if rr else "public label"),
-                **asdict(self), "latent_sensitivity": 2 * self.clip_norm,
+        latent = "gaussian latent" if self.group_size == 1 else f"gaussian mean of {self.group_size} same-label latents"
+        return {"mechanism": latent + " + " + ("randomized-response label" if rr else "public label"),
+                **asdict(self), "latent_sensitivity": self.latent_sensitivity, "noise_std": self.noise_std,
                 "label_keep_probability": (1 - rr_noise_parameter(self.label_epsilon, self.num_classes)
                                            * (self.num_classes - 1) / self.num_classes) if rr else 1.0,
                 "neighbouring": self.neighbouring, "epsilon": self.epsilon("pld"), "epsilon_rdp": self.epsilon("rdp"),
@@ -126,7 +152,7 @@ def analytic_noise_multiplier(target_epsilon: float, delta: float, releases: int
 
 def calibrate(target_epsilon: float, delta: float, *, label_mechanism: str = "randomized_response",
               label_share: float = 0.25, num_classes: int = 10, releases: int = 1,
-              clip_norm: float = 1.0) -> ImageRelease:
+              clip_norm: float = 1.0, group_size: int = 1) -> ImageRelease:
     """The release whose (latent, label) epsilon is at most `target_epsilon`: randomized response at
     `label_share` of the budget, then the smallest latent noise that fits the composed total."""
     if target_epsilon <= 0 or not 0 < delta < 1:
@@ -134,7 +160,7 @@ def calibrate(target_epsilon: float, delta: float, *, label_mechanism: str = "ra
     if label_mechanism == "randomized_response" and not 0 < label_share < 1:
         raise ValueError(f"label_share must lie in (0, 1), got {label_share}")
     label_eps = target_epsilon * label_share if label_mechanism == "randomized_response" else None
-    make = lambda s: ImageRelease(clip_norm, s, delta, label_mechanism, label_eps, num_classes, releases)
+    make = lambda s: ImageRelease(clip_norm, s, delta, label_mechanism, label_eps, num_classes, releases, group_size)
     start = analytic_noise_multiplier(target_epsilon * (1 - label_share if label_eps else 1.0), delta, releases)
     return make(smallest_noise(lambda s: make(s).epsilon("pld") <= target_epsilon, start))
 

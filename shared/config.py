@@ -133,6 +133,8 @@ class FederationConfig:
     delta: Optional[float] = None           # default 1 / (10 n)
     label_mechanism: str = "randomized_response"   # with DP: 'randomized_response' | 'public' (docs/privacy.md)
     label_share: float = 0.25               # share of target_epsilon spent on randomized-response labels
+    group_size: int = 1                     # with DP: each device releases means of k same-label latents (docs/privacy.md)
+    denoise: str = "wiener"                 # with DP: the server's posterior-mean filter on the pool | 'none'
     client_threads: int = 1
 
 

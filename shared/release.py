@@ -18,7 +18,8 @@ REPLY_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], str, str]]] = {
         "ciphertext": ((bytes,), "mechanism",
                        "AES-GCM-sealed payload: float16 latents after the Gaussian mechanism and uint8 labels after "
                        "randomized response (or in the clear where labels are declared public); its length is "
-                       "a function of the chunk's record count"),
+                       "a function of the chunk's record count (with group means: of the released labels' counts, "
+                       "which the label mechanism covers)"),
         "ephemeral_public": ((bytes,), "random", "a fresh X25519 public key per message"),
         "nonce": ((bytes,), "random", "12 random bytes per message"),
         "version": ((int,), "public", "envelope format version (a constant)"),
@@ -35,6 +36,7 @@ REPLY_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], str, str]]] = {
         "delta": ((float,), "public", "delta of the request"),
         "label_mechanism": ((str,), "public", "'randomized_response' or 'public'"),
         "label_epsilon": ((float,), "public", "randomized response epsilon (0 when labels are public)"),
+        "group_size": ((int,), "public", "k: each released latent is the mean of k same-label records (1: per record)"),
         "epsilon": ((float,), "public", "the per-record epsilon as the device computed it (inf without noise)"),
         "encoder_sha256": ((str,), "public", "SHA-256 of the first encoder the device ran"),
     },

@@ -136,10 +136,10 @@ class Opener:
             raise SubmissionRejected("dtype", f"latents {z.dtype} / labels {y.dtype}, expected float16 / uint8")
         if z.ndim != 4 or tuple(z.shape[1:]) != tuple(lim.latent_shape) or y.shape != (z.shape[0],):
             raise SubmissionRejected("shape", f"latents {tuple(z.shape)}, labels {tuple(y.shape)}; expected (n, {lim.latent_shape}) and (n,)")
-        if not 0 < z.shape[0] <= lim.max_chunk_latents:
-            raise SubmissionRejected("oversized", f"{z.shape[0]} latents in a chunk (1..{lim.max_chunk_latents})")
+        if not 0 <= z.shape[0] <= lim.max_chunk_latents:      # 0: a chunk with no full group of k (group means)
+            raise SubmissionRejected("oversized", f"{z.shape[0]} latents in a chunk (0..{lim.max_chunk_latents})")
         if not torch.isfinite(z).all():
             raise SubmissionRejected("non_finite", "latents contain NaN or inf")
-        if int(y.max()) >= lim.num_classes:
+        if len(y) and int(y.max()) >= lim.num_classes:
             raise SubmissionRejected("label_range", f"label {int(y.max())} outside 0..{lim.num_classes - 1}")
         return z.float(), y.long()

@@ -2,6 +2,7 @@
 real request, malicious ones change or replace its reply. For the server's intake tests."""
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -45,7 +46,7 @@ def honest(content: RecordDict, node: int, node_config: dict, context: Context |
 class Node:
     node_config: dict
     mutate: Optional[Callable] = None        # (honest reply content, request content) -> content, or None: no reply
-    delay: float = 0.0
+    delay: float | Callable = 0.0             # seconds until a reply is visible; or request number -> seconds
     error: Optional[str] = None
     requests: list = field(default_factory=list)
     restart_before: tuple = ()               # request numbers before which the node restarts (loses its state)
@@ -56,32 +57,49 @@ class ScriptedGrid:
     def __init__(self, nodes: dict[int, Node]):
         from flwr.supercore.task_identity import TaskIdentity
         self.nodes = nodes
+        self._ids, self._replies = itertools.count(), {}      # message id -> (visible from, reply)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1    # as in a ServerApp process
 
     def get_node_ids(self):
         return list(self.nodes)
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Each node answers at once, in order; its reply becomes visible `delay` seconds later."""
+        ids = []
         for msg in messages:
-            node_id = msg.metadata.dst_node_id
-            node = self.nodes[node_id]
-            node.requests.append(int(msg.content["config"]["chunk"]))
-            time.sleep(node.delay)
-            meta = SimpleNamespace(src_node_id=node_id)
-            if node.error:
-                replies.append(SimpleNamespace(metadata=meta, has_error=lambda: True,
-                                               error=SimpleNamespace(reason=node.error), content=None))
-                continue
-            if node.context is None or len(node.requests) - 1 in node.restart_before:
-                node.context = device_context(node_id, node.node_config)
-            content = honest(msg.content, node_id, node.node_config, node.context)
-            if node.mutate is not None:
-                content = node.mutate(content, msg.content)
-                if content is None:
-                    continue
-            replies.append(SimpleNamespace(metadata=meta, has_error=lambda: False, content=content))
-        return replies
+            mid = f"m{next(self._ids)}"
+            msg.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            reply = self._answer(msg, mid)
+            node = self.nodes[msg.metadata.dst_node_id]
+            if reply is not None:
+                delay = node.delay(len(node.requests) - 1) if callable(node.delay) else node.delay
+                self._replies[mid] = (time.time() + delay, reply)
+        return ids
+
+    def pull_messages(self, message_ids):
+        now, out = time.time(), []
+        for mid in list(message_ids):
+            if mid in self._replies and self._replies[mid][0] <= now:
+                out.append(self._replies.pop(mid)[1])
+        return out
+
+    def _answer(self, msg, mid):
+        node_id = msg.metadata.dst_node_id
+        node = self.nodes[node_id]
+        node.requests.append(int(msg.content["config"]["chunk"]))
+        meta = SimpleNamespace(src_node_id=node_id, reply_to_message_id=mid)
+        if node.error:
+            return SimpleNamespace(metadata=meta, has_error=lambda: True, error=SimpleNamespace(reason=node.error),
+                                   content=None)
+        if node.context is None or len(node.requests) - 1 in node.restart_before:
+            node.context = device_context(node_id, node.node_config)
+        content = honest(msg.content, node_id, node.node_config, node.context)
+        if node.mutate is not None:
+            content = node.mutate(content, msg.content)
+            if content is None:
+                return None
+        return SimpleNamespace(metadata=meta, has_error=lambda: False, content=content)
 
 
 def no_dp() -> ImageRelease:

@@ -85,3 +85,25 @@ def test_federation_bench_measures_each_fleet_size(tmp_path):
                for r in rows.values())
     assert doc["growth"][0]["clients_ratio"] == 2 and path.with_suffix(".png").exists()
     assert "| iid | 4 | 4 |" in markdown(doc)
+
+
+def test_privacy_curve_scores_each_epsilon_and_group_size(tmp_path):
+    """The local-DP curve at tiny scale: each (epsilon, k) point releases through the device's own function,
+    condenses the filtered pool with a chain trained on the public split, and is scored beside the
+    released records and the no-DP and public-only references; JSON, plot and table."""
+    from benchmarks.privacy_curve import markdown, summary
+    out = tmp_path / "results"
+    assert main(["bench", "--privacy-curve", "--out", str(out), "--epsilons", "8", "--group-sizes", "1", "2",
+                 "--ipc", "2", "--seeds", "0", "--evaluators", "1", "--epochs", "2", *TINY]) == 0
+    files = sorted(out.glob("fmnist-privacy-curve-*.json"))
+    assert len(files) == 1 and files[0].with_suffix(".png").stat().st_size > 5000
+    doc = json.loads(files[0].read_text())
+    points = {(str(p["epsilon"]), p["group_size"]) for p in doc["points"]}
+    assert points == {("inf", 1), ("0", 0), ("8.0", 1), ("8.0", 2)}
+    noised = [p for p in doc["points"] if p["epsilon"] == 8.0]
+    assert all(p["epsilon_pld"] <= 8.0 and p["chain_trained_on"].startswith("public") for p in noised)
+    by_k = {p["group_size"]: p["released"] for p in noised}
+    assert by_k[2] < by_k[1], "group means release fewer values"
+    arms = {(r["epsilon"], r["group_size"], r["arm"]) for r in summary(doc)}
+    assert {("8.0", 1, "ours"), ("8.0", 2, "released_real"), ("inf", 1, "random_real"), ("0", 0, "public_only")} <= arms
+    assert "public split alone" in markdown(doc)

@@ -1,6 +1,7 @@
-"""Condensation survives `kill -9` and shares out over workers: finished chain batches are kept on disk, a
-restarted run computes only the missing ones, and two torch.distributed workers (torchrun, gloo on CPU) make
-the same set as one process: bit for bit, in real processes."""
+"""Condensation and student training survive `kill -9`, and condensation shares out over workers: finished
+chain batches and the students' training state are kept on disk, a restarted run continues from them, and
+two torch.distributed workers (torchrun, gloo on CPU) make the same set as one process: bit for bit, in
+real processes."""
 import os
 import signal
 import subprocess
@@ -75,6 +76,39 @@ def test_two_workers_make_the_same_set_as_one(reference, tmp_path):
     assert_identical(reference, out)
     import json
     assert json.loads((out / "manifest.json").read_text())["workers"] == 2
+
+
+def student(synthetic: Path, work: Path, protocol: str) -> subprocess.Popen:
+    args = (["--epochs", "30", "--evaluators", "1"] if protocol == "standard" else ["--student-steps", "60"])
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "student", "--synthetic", str(synthetic),
+                             "--protocol", protocol, "--checkpoint-dir", str(work), *args, "--train-limit", "1500",
+                             "--test-limit", "200", "--device", "cpu"], cwd=REPO,
+                            env={**ENV, "FEDCONDENSE_CHECKPOINT_S": "0"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def accuracy(log: str, protocol: str):
+    import json
+    result = json.loads(log[log.index("{"):])
+    return result["sets"]["synthetic"]["accuracy"] if protocol == "standard" else result["accuracy"]
+
+
+@pytest.mark.parametrize("protocol", ["standard", "teacher-kd"])
+def test_a_student_killed_mid_training_resumes_to_the_same_model(reference, tmp_path, protocol):
+    """Killed once its training state is on disk, then started again: the same accuracy, to the last bit, as
+    one uninterrupted run (every generator and the optimiser restored)."""
+    whole = accuracy(finish(student(reference, tmp_path / "whole", protocol)), protocol)
+    work = tmp_path / "killed"
+    proc = student(reference, work, protocol)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(work.glob("*.pt")):
+        time.sleep(0.02)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(work.glob("*.pt")), "killed before the first checkpoint (the test must cut the training mid-way)"
+    resumed = finish(student(reference, work, protocol))
+    assert accuracy(resumed, protocol) == whole and not list(work.glob("*.pt"))
 
 
 def _free_port() -> int:

@@ -169,3 +169,29 @@ def test_a_device_without_data_says_how_to_give_it_some():
     with pytest.raises(ValueError, match="data-dir"):
         honest(content, 5, {})
     assert isinstance(content["config"], ConfigRecord)
+
+
+def test_group_means_leave_as_means_of_k_same_label_records_with_k_times_less_noise():
+    """The real device under a group-size request: each released latent is the mean of k clipped latents of
+    its label (every class's n_c mod k records held back), noised with std sigma C / k; the ledger states
+    sensitivity 2C/k and the same epsilon as the per-record release at that sigma."""
+    k = 8
+    release = calibrate(8.0, 1e-5, label_mechanism="public", clip_norm=3.0, group_size=k)
+    e1, fed, content, reply, key = device_round(release)
+    kind, env, mech = check_reply(reply)
+    assert mech["group_size"] == k and int(content["config"]["group_size"]) == k
+    released, labels = Opener(key, "run-7", Limits((4, 8, 8), 10, max_chunk_latents=fed.chunk_size)).open(env, 5, 0)
+    clean, true = clean_latents(e1, fed)
+    counts = torch.bincount(true, minlength=10)
+    assert torch.equal(torch.bincount(labels, minlength=10), counts // k)
+    clipped = clip_latents(clean.double(), 3.0).float().flatten(1)
+    for c in labels.unique().tolist():
+        members = clipped[true == c]
+        noise = released[labels == c].flatten(1) - members.mean(0)          # each mean's deviation from the class mean
+        spread = members.var(0).sum() / k                                   # of a mean of k members, without noise
+        expected = spread + released.shape[1:].numel() * release.noise_std ** 2
+        assert float(noise.pow(2).sum(1).mean()) == pytest.approx(float(expected), rel=0.5)
+    ledger = build_ledger(DemoConfig(), {"clients": {}}, [4, 8, 8], release)
+    assert ledger["guarantee"]["latent_sensitivity"] == pytest.approx(2 * 3.0 / k)
+    assert ledger["summary"]["group_size"] == k and "mean of 8" in ledger["summary"]["mechanism"]
+    assert release.epsilon() == pytest.approx(calibrate(8.0, 1e-5, label_mechanism="public", clip_norm=3.0).epsilon())

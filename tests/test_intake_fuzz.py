@@ -98,7 +98,8 @@ def test_random_mutations_never_escape(tmp_path):
 def test_client_error_and_silence_are_drops(tmp_path):
     fed, _ = run_collect(tmp_path / "error", Node({}, error="boom"))
     assert "client error" in fed["dropped_nodes"][EVIL]
-    fed, _ = run_collect(tmp_path / "silent", Node({"partition-id": 1, "num-partitions": 2}, lambda c, r: None))
+    fed, _ = run_collect(tmp_path / "silent", Node({"partition-id": 1, "num-partitions": 2}, lambda c, r: None),
+                         timeout=0.5)
     assert "no reply" in fed["dropped_nodes"][EVIL] and fed["accepted_nodes"] == [HONEST]
 
 
@@ -132,10 +133,11 @@ def test_a_node_that_misses_a_timeout_is_asked_again_then_dropped(tmp_path):
             silent_once["left"] -= 1
             return None
         return content
-    fed, pool = run_collect(tmp_path / "once", Node({"partition-id": 1, "num-partitions": 2}, once), retries=2)
+    fed, pool = run_collect(tmp_path / "once", Node({"partition-id": 1, "num-partitions": 2}, once), retries=2,
+                            timeout=0.5)
     assert fed["accepted_nodes"] == [HONEST, EVIL] and fed["retries"] == [{"node_id": EVIL, "chunk": 0, "attempt": 1}]
     fed, _ = run_collect(tmp_path / "never", Node({"partition-id": 1, "num-partitions": 2}, lambda c, r: None),
-                         retries=2)
+                         retries=2, timeout=0.5)
     assert "after 2 retries" in fed["dropped_nodes"][EVIL] and len(fed["retries"]) == 2
 
 
@@ -168,3 +170,16 @@ def test_waves_bound_the_requests_in_flight(tmp_path):
     assert fed["accepted_nodes"] == [HONEST, EVIL]
     assert fed["traffic"]["request_rounds"] == len(honest_node.requests) + len(other.requests)
     assert honest_node.requests == list(range(len(honest_node.requests))) and other.requests[0] == 0
+
+
+def test_a_late_reply_to_an_earlier_request_is_accepted(tmp_path):
+    """A node answers its first request after the round's wait, then never answers the retry (a SuperNode
+    restarted mid-collection answers the request its killed process had taken, late): the late reply is
+    taken, the node is pooled and not dropped, and the superseded request's silence costs nothing."""
+    node = Node({"partition-id": 1, "num-partitions": 2})
+    node.delay = lambda request: 1.6 if request == 0 else 0.0
+    node.mutate = lambda content, request: None if len(node.requests) == 2 else content
+    fed, pool = run_collect(tmp_path, node, timeout=1.0, retries=2, chunk_size=200)
+    assert fed["accepted_nodes"] == [HONEST, EVIL] and not fed["dropped_nodes"], fed["dropped_nodes"]
+    assert fed["late_replies"] == [{"node_id": EVIL, "chunk": 0}]
+    assert fed["retries"] == [{"node_id": EVIL, "chunk": 0, "attempt": 1}] and node.requests[:2] == [0, 0]

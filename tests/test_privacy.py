@@ -105,3 +105,48 @@ def test_no_noise_means_no_guarantee():
     assert ImageRelease(1.0, 0.0, 1e-5, "public").epsilon() == math.inf
     with pytest.raises(ValueError, match="label_epsilon"):
         ImageRelease(1.0, 1.0, 1e-5, "randomized_response", None)
+
+
+def test_one_replaced_record_moves_one_group_mean_by_at_most_2c_over_k(monkeypatch):
+    """Group membership depends on the labels and the permutation only: replacing one record's latent (the
+    same permutation drawn) changes exactly one released mean, by at most 2C/k."""
+    import client.privacy as privacy
+    fixed = torch.randperm(4000, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(privacy, "secure_permutation", lambda n: fixed[fixed < n])
+    k, clip = 8, 2.0                                      # 40 records per label: five groups, none held back
+    z, y = torch.randn(400, 4, 8, 8) * 3, torch.arange(400) % 10
+    before, lb = privacy.group_means(z, y, clip, k)
+    z2 = z.clone()
+    z2[123] = -50.0                                      # the worst replacement: opposite direction, far past C
+    after, la = privacy.group_means(z2, y, clip, k)
+    assert torch.equal(lb, la) and len(lb) == 10 * (40 // k)
+    moved = (after - before).flatten(1).norm(dim=1)
+    assert int((moved > 0).sum()) == 1 and float(moved.max()) <= 2 * clip / k + 1e-9
+
+
+def test_group_size_keeps_the_epsilon_and_divides_the_noise():
+    per_record = calibrate(3.0, 1e-5, clip_norm=5.0)
+    grouped = calibrate(3.0, 1e-5, clip_norm=5.0, group_size=32)
+    assert grouped.noise_multiplier == pytest.approx(per_record.noise_multiplier)
+    assert grouped.noise_std == pytest.approx(per_record.noise_std / 32)
+    with pytest.raises(ValueError, match="group_size"):
+        ImageRelease(1.0, 1.0, 1e-5, "public", group_size=0)
+
+
+def test_the_posterior_mean_filter_brings_noised_latents_closer_to_the_clean_ones():
+    from server.condense.denoise import class_covariances, wiener_denoise
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(256, 8, generator=gen)                       # low-rank classes, as latents are
+    centres = torch.randn(10, 256, generator=gen) * 0.5
+
+    def draw(n):
+        y = torch.arange(n) % 10
+        return (centres[y] + torch.randn(n, 8, generator=gen) @ basis.T * 0.3).view(n, 4, 8, 8), y
+    public, py = draw(2000)
+    clean, y = draw(3000)
+    prior = class_covariances(public, py, 10, clip_norm=1e9)
+    for noise in (0.3, 3.0):
+        noised = clean + torch.randn(clean.shape, generator=gen) * noise
+        filtered = wiener_denoise(noised, y, prior, noise)
+        err = lambda a: float((a - clean).pow(2).mean())
+        assert err(filtered) < 0.5 * err(noised), f"noise {noise}: the filter does not reduce the error"

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 RUN = ("clients=3 train-limit=1200 test-limit=300 T=5 ae-steps=30 chain-steps=30 chain-batch=32 module-steps=1 "
        "student='convnet3_w32' student-steps=20 student-loss='soft_ce' teacher-steps=10 ipc=10 no-full=true "
-       "timeout=40 chunk-size=300 retries=2 condense-batch=2")
+       "timeout=40 chunk-size={chunk} retries=2 condense-batch=2")
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,11 @@ def cluster(tmp_path_factory):
             kill_server_apps(cl)
 
 
-def start_run(cluster, out):
+def start_run(cluster, out, chunk: int = 300):
     import subprocess
     from tests.flower_cluster import BIN, REPO
-    return subprocess.Popen([str(BIN / "flwr"), "run", ".", "fed", "--run-config", f"out='{out}' {RUN}", "--stream"],
+    return subprocess.Popen([str(BIN / "flwr"), "run", ".", "fed", "--run-config", f"out='{out}' {RUN.format(chunk=chunk)}",
+                             "--stream"],
                             cwd=REPO, env=cluster.env, stdout=open(out.parent / f"{out.name}.flwr.log", "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -127,4 +128,42 @@ def test_server_killed_during_condensation(cluster, reference, tmp_path):
     assert_every_node_in_the_ledger(out, report)
     meta = json.loads((out / "ipc10" / "manifest.json").read_text())
     assert meta["batches_resumed"] >= kept
+    assert_same_set(reference, out)
+
+
+def test_a_supernode_killed_mid_collection_is_taken_back(cluster, reference, tmp_path):
+    """One SuperNode is SIGKILLed once every node's first chunk is in, and started again with the same key
+    (the SuperLink takes it back once the old session's heartbeats have lapsed). The server's retries and
+    the late reply it accepts keep the node in: pooled, in the ledger, and the set is the uninterrupted run's."""
+    out = tmp_path / "run"
+    proc = start_run(cluster, out, chunk=50)                  # 8 chunks a node: a window to kill one in
+    status = out / "collect_status.json"
+
+    def first_chunks_in() -> bool:
+        try:
+            pending = json.loads(status.read_text())["pending"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return len(pending) == 3 and all(c >= 1 for c in pending.values())
+    deadline = time.time() + 400
+    while not first_chunks_in() and time.time() < deadline:
+        time.sleep(0.05)
+    assert first_chunks_in(), "the collection never had every node under way"
+    cluster.kill("node2")
+    deadline = time.time() + 240
+    while time.time() < deadline:             # the SuperLink refuses the key until the old session lapses
+        node = cluster.start_supernode(2, "partition-id=2 num-partitions=3")
+        time.sleep(15)
+        if node.poll() is None:
+            break
+    deadline = time.time() + 600                 # the ServerApp goes on whether or not `flwr run` still streams
+    while not (out / "report.json").exists() and time.time() < deadline:
+        time.sleep(1)
+    proc.kill()
+    assert (out / "report.json").exists(), (out.parent / "run.flwr.log").read_text(errors="replace")[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    fed = report["federation"]
+    assert len(fed["accepted_nodes"]) == 3 and not fed["dropped_nodes"], fed["dropped_nodes"]
+    assert fed["retries"] or fed["late_replies"], "the node was asked again or answered late"
+    assert_every_node_in_the_ledger(out, report)
     assert_same_set(reference, out)

@@ -74,7 +74,8 @@ def baseline_score(arm: str, images, targets, test: ImageSplit, cfg: StudentConf
         if result is not None:
             return {**result, "seconds": time.time() - start, "trained_seconds": result["seconds"],
                     "cached": str(path)}
-        result = fit_and_score(images, targets, test, cfg, device, steps, loss, desc, teacher)
+        result = fit_and_score(images, targets, test, cfg, device, steps, loss, desc, teacher,
+                               checkpoint=path / "training.pt")      # a killed run resumes the training here
         path.mkdir(parents=True, exist_ok=True)
         tmp = stored.with_name("result.json.tmp")
         tmp.write_text(json.dumps({"arm": arm, "key": key, "result": result}, indent=2))

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from server.condense.formation import expand
 from shared.augment import apply_dsa, draw_dsa
+from shared.cache import config_hash, fingerprint, to_jsonable
+from shared.checkpoint import LoopCheckpoint
 from shared.config import EvaluationConfig
 from shared.device import autocast
 from shared.models.students import EnsembleConvNet
@@ -45,8 +48,9 @@ def members_per_pass(cfg: EvaluationConfig, device: torch.device) -> int:
 
 
 def train_members(xs: torch.Tensor, ys: torch.Tensor, cfg: EvaluationConfig, device: torch.device, seed: int,
-                  desc: str = "evaluators") -> EnsembleConvNet:
-    """xs (M, N, C, S, S), ys (M, N, K): member m trains on set m for cfg.epochs."""
+                  desc: str = "evaluators", checkpoint: Path | None = None) -> EnsembleConvNet:
+    """xs (M, N, C, S, S), ys (M, N, K): member m trains on set m for cfg.epochs. With `checkpoint`, the
+    loop's state is kept there every minute and a restarted call resumes it (shared/checkpoint.py)."""
     m, n, c, s, _ = xs.shape
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -55,8 +59,11 @@ def train_members(xs: torch.Tensor, ys: torch.Tensor, cfg: EvaluationConfig, dev
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [cfg.epochs // 2], 0.1)
     xs, ys = xs.to(device), ys.to(device)
     rows = torch.arange(m, device=device)[:, None]
+    state = LoopCheckpoint(checkpoint, config_hash([fingerprint(xs), fingerprint(ys), to_jsonable(cfg), seed,
+                                                     str(device)]))
+    first = state.restore(net, opt, sched, [gen])
     net.train()
-    for _ in progress(range(cfg.epochs), desc=desc, unit="epoch"):
+    for epoch in progress(range(first, cfg.epochs), desc=desc, unit="epoch", initial=first, total=cfg.epochs):
         order = torch.argsort(torch.rand(m, n, generator=gen), dim=1).to(device)
         for lo in range(0, n, cfg.batch_size):
             idx = order[:, lo:lo + cfg.batch_size]
@@ -71,6 +78,8 @@ def train_members(xs: torch.Tensor, ys: torch.Tensor, cfg: EvaluationConfig, dev
             loss.backward()
             opt.step()
         sched.step()
+        state.tick(epoch + 1, net, opt, sched, [gen])
+    state.finish()
     return net.eval()
 
 
@@ -86,9 +95,11 @@ def member_accuracy(net: EnsembleConvNet, test_images: torch.Tensor, test_labels
     return (correct.float() / len(test_images)).tolist()
 
 
-def evaluate_sets(sets: list[LabelledSet], test, cfg: EvaluationConfig, device: torch.device) -> dict:
+def evaluate_sets(sets: list[LabelledSet], test, cfg: EvaluationConfig, device: torch.device,
+                  work: Path | None = None) -> dict:
     """Every set x `cfg.evaluators` seeds; returns {name: {"accuracy": [...], "mean", "std", ...}}.
-    Sets of equal training size share passes; evaluator e of every set uses seed cfg.seed + e's pass."""
+    Sets of equal training size share passes; evaluator e of every set uses seed cfg.seed + e's pass.
+    `work`: a folder for each pass's training checkpoint (a killed evaluation resumes there)."""
     start = time.time()
     jobs = []                                               # (set name, evaluator, x, y)
     for st in sets:
@@ -103,7 +114,8 @@ def evaluate_sets(sets: list[LabelledSet], test, cfg: EvaluationConfig, device: 
         for lo in range(0, len(group), width):
             part = group[lo:lo + width]
             net = train_members(torch.stack([j[2] for j in part]), torch.stack([j[3] for j in part]), cfg, device,
-                                seed=cfg.seed + 1000 * lo + shape[0], desc=f"evaluators x{len(part)} on {shape[0]} images")
+                                seed=cfg.seed + 1000 * lo + shape[0], desc=f"evaluators x{len(part)} on {shape[0]} images",
+                                checkpoint=Path(work) / f"pass-{shape[0]}-{lo}.pt" if work else None)
             for (name, e, _, _), a in zip(part, member_accuracy(net, test.images, test.labels, device)):
                 acc[name][e] = a
     out = {}

@@ -7,6 +7,7 @@ the server's teacher on the same augmented view (`StudentConfig.loss`).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 
 from server.distill.losses import LossInputs, build_losses, needs_teacher, teacher_view_strength
 from shared.augment import AUGMENTATIONS
+from shared.cache import config_hash, fingerprint, state_fingerprint, to_jsonable
+from shared.checkpoint import LoopCheckpoint
 from shared.config import StudentConfig
 from shared.device import autocast
 from shared.models.distill_points import FeatureTap
@@ -23,8 +26,9 @@ from shared.progress import progress
 
 def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfig, device: torch.device,
                   steps: int | None = None, loss: str = "soft_ce", desc: str = "student",
-                  teacher: nn.Module | None = None) -> nn.Module:
-    """`targets`: (N, K) soft labels. Trains for `steps` (default cfg.steps) minibatch steps.
+                  teacher: nn.Module | None = None, checkpoint: Path | None = None) -> nn.Module:
+    """`targets`: (N, K) soft labels. Trains for `steps` (default cfg.steps) minibatch steps. With
+    `checkpoint`, the loop's state is kept there every minute and a restarted call resumes it.
 
     With a `teacher`, each batch is augmented twice from the same random draws: for the student, and
     for the teacher at `teacher_view_strength` of its magnitude (1: the same view; docs/spec.md §2's MI loss:
@@ -49,8 +53,11 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     augment = AUGMENTATIONS[cfg.augment]
     teacher_strength = teacher_view_strength(loss, cfg.teacher_strength)
+    state = LoopCheckpoint(checkpoint, config_hash([fingerprint(images), fingerprint(targets), to_jsonable(cfg), steps,
+                                                     loss, state_fingerprint(teacher), str(device)]))
+    first = state.restore(_Trained(model, terms), opt, sched, [gen])
     model.train()
-    for step in progress(range(steps), desc=desc, unit="step"):
+    for step in progress(range(first, steps), desc=desc, unit="step", initial=first, total=steps):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x = images[idx].to(device)
         draws = gen.get_state()
@@ -68,9 +75,19 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
         total.backward()
         opt.step()
         sched.step()
+        state.tick(step + 1, _Trained(model, terms), opt, sched, [gen])
+    state.finish()
     for tap in taps or ():
         tap.remove()
     return model.eval()
+
+
+class _Trained(nn.Module):
+    """The student and its loss terms' own parameters (adapters, priors), saved and restored together."""
+
+    def __init__(self, model: nn.Module, terms: list):
+        super().__init__()
+        self.model, self.terms = model, nn.ModuleList([module for module, _ in terms])
 
 
 def student_lr(cfg: StudentConfig, batch: int) -> float:
@@ -109,8 +126,8 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def fit_and_score(images, targets, test, cfg: StudentConfig, device, steps=None, loss="soft_ce", desc="student",
-                  teacher=None) -> dict:
+                  teacher=None, checkpoint: Path | None = None) -> dict:
     start = time.time()
-    model = train_student(images, targets, cfg, device, steps, loss, desc, teacher)
+    model = train_student(images, targets, cfg, device, steps, loss, desc, teacher, checkpoint)
     return {"accuracy": evaluate(model, test.images, test.labels, device), "seconds": time.time() - start,
             "images": len(images), "steps": steps or cfg.steps}

@@ -45,7 +45,7 @@ def run_federated(grid: Grid, cfg: DemoConfig, out: Path) -> dict:
     info = {"mode": "federated", "pretrain": ae["seconds"], "federation": fed, "privacy": ledger["summary"],
             "autoencoder": ae, "checkpoints": {"autoencoder": ae["path"]}}
     fed["id_scheme"] = "rank * 10**7 + position; rank = place of the node id among the pooled nodes, ascending"
-    return condense_and_evaluate(ds, cfg, e1, dec, arrived, info, out, device)
+    return condense_and_evaluate(ds, cfg, e1, dec, arrived, info, out, device, release)
 
 
 def requested_release(cfg: DemoConfig, e1, ds) -> ImageRelease:
@@ -62,9 +62,10 @@ def requested_release(cfg: DemoConfig, e1, ds) -> ImageRelease:
     delta = fed.delta or default_delta(len(ds.private))
     clip = fed.clip_norm or float(encode_images(e1, ds.public.images[:2000]).flatten(1).norm(dim=1).median())
     release = calibrate(fed.target_epsilon, delta, label_mechanism=fed.label_mechanism, label_share=fed.label_share,
-                        num_classes=ds.num_classes, clip_norm=clip)
-    log.info("DP: target epsilon %.3g, delta %.2g -> clip %.3g, noise multiplier %.4g, labels %s (epsilon %s)",
-             fed.target_epsilon, delta, clip, release.noise_multiplier, release.label_mechanism, release.label_epsilon)
+                        num_classes=ds.num_classes, clip_norm=clip, group_size=fed.group_size)
+    log.info("DP: target epsilon %.3g, delta %.2g -> clip %.3g, noise multiplier %.4g, group size %d, labels %s "
+             "(epsilon %s)", fed.target_epsilon, delta, clip, release.noise_multiplier, fed.group_size,
+             release.label_mechanism, release.label_epsilon)
     return release
 
 
@@ -74,7 +75,7 @@ def config_from_run_config(run_config: dict) -> tuple[DemoConfig, Path]:
              "ae-steps", "chain-steps", "chain-batch", "module-steps", "student-steps", "full-epochs", "timeout",
              "chunk-size", "no-full", "target-epsilon", "delta", "clip-norm", "student", "student-loss", "prediction",
              "teacher-steps", "guidance", "guidance-terms", "guidance-steps", "retrain-baselines", "label-mechanism",
-             "label-share", "deadline", "retries", "condense-batch"}
+             "label-share", "deadline", "retries", "condense-batch", "group-size", "denoise"}
     unknown = set(run_config) - known
     if unknown:
         raise ValueError(f"unknown run-config keys {sorted(unknown)}; known: {sorted(known)}")

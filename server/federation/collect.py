@@ -2,9 +2,12 @@
 
 Protocol (Flower Message API, message type `query.encode`): the server asks every node for chunk 0,
 learns each node's chunk count from its first envelope, then asks for the next chunk of every node
-still pending, until all are in. A node whose reply is missing (timeout), carries an error, is a
-refusal of the device's policy, or fails validation is dropped and whatever it staged is discarded;
-the others go on. Whatever a node sends, `collect` does not raise: each bad reply becomes a rejection
+still pending, until all are in. A node that misses a round's wait is asked again (bounded, with
+backoff); its earlier requests stay outstanding, and a late reply to any of them that carries the chunk
+the node still owes is accepted (a SuperNode restarted mid-collection answers the request its killed
+process had taken, late); replies to superseded requests are ignored. A node whose reply carries an
+error, is a refusal of the device's policy, or fails validation, or that stays silent past its retries,
+is dropped and whatever it staged is discarded; the others go on. Whatever a node sends, `collect` does not raise: each bad reply becomes a rejection
 code and a drop. Memory staged per node and in total is capped, and the collection ends by an
 overall deadline.
 """
@@ -19,6 +22,7 @@ from dataclasses import asdict
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from client.policy import encoder_sha256
 from server.federation.pool import LatentPool
@@ -30,6 +34,9 @@ from shared.release import ENCODER_MISSING, REFUSAL_FIELDS, REPLY_FIELDS
 from shared.sealing import Limits, Opener, SubmissionRejected, raw_public
 
 log = logging.getLogger("fedcondense.federation")
+# Errors the SuperLink itself writes for a node it cannot reach (Flower's ErrorCode): the node may come back,
+# so they count as a missed round (retried within `retries`), not as the node's own error
+LINK_UNAVAILABLE = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE}
 
 
 def wait_for_nodes(grid, expected: int, timeout: float) -> list[int]:
@@ -47,7 +54,7 @@ def wait_for_nodes(grid, expected: int, timeout: float) -> list[int]:
 def mechanism_request(release: ImageRelease) -> dict:
     return {"clip_norm": float(release.clip_norm), "noise_multiplier": float(release.noise_multiplier),
             "delta": float(release.delta), "label_mechanism": release.label_mechanism,
-            "label_epsilon": float(release.label_epsilon or 0.0)}
+            "label_epsilon": float(release.label_epsilon or 0.0), "group_size": int(release.group_size)}
 
 
 def encoder_records(e1: FirstEncoder) -> dict:
@@ -132,6 +139,9 @@ class Collection:
         self.bytes_received = 0
         self.holds_encoder: set[int] = set()        # nodes that replied to a request carrying E1 this run
         self.encoder_resends: dict[int, int] = {}   # E1 sent again to a node that had lost it
+        self.outstanding: dict[str, tuple[int, int]] = {}   # message id -> (node, chunk asked), across rounds
+        self.latest: dict[int, str] = {}            # node -> its newest request's message id
+        self.late_replies: list[dict] = []          # replies accepted to a request of an earlier round
 
     def drop(self, node: int, reason: str) -> None:
         discarded = self.pool.discard(node)
@@ -215,7 +225,7 @@ def check_resume(pool: LatentPool, expected: dict, e1_hash: str) -> set[int]:
     done = set()
     for entry in pool.provenance():
         mech = entry.get("mechanism") or {}
-        asked = {k: mech.get(k) for k in expected}
+        asked = {k: mech.get(k, 1 if k == "group_size" else None) for k in expected}   # group_size: 1 before it existed
         if asked != expected or mech.get("encoder_sha256") != e1_hash:
             raise RuntimeError(f"the pool in {pool.root} holds node {entry.get('node_id')}'s latents collected under "
                                f"{asked} with encoder {str(mech.get('encoder_sha256'))[:12]}; this run asks for "
@@ -277,15 +287,16 @@ def collect(grid, e1: FirstEncoder, data_cfg: DataConfig, fed: FederationConfig,
     return {"run_id": run_id, "nodes": nodes, "resumed_nodes": sorted(done_before),
             "accepted_nodes": sorted(pool.committed_nodes()), "dropped_nodes": col.dropped,
             "rejections": col.rejections, "refusals": {str(n): r for n, r in col.refusals.items()}, "retries": retries,
-            "encoder_resends": {str(n): k for n, k in col.encoder_resends.items()},
+            "encoder_resends": {str(n): k for n, k in col.encoder_resends.items()}, "late_replies": col.late_replies,
             "bytes_received": col.bytes_received, "traffic": {**traffic, "request_rounds": requests},
             "collect_seconds": time.time() - start, "encoder_sha256": e1_hash, "requested_mechanism": expected,
             "clients": {str(n): s for n, s in col.stats.items()}}
 
 
 def exchange(grid, requests: list[tuple[int, RecordDict]], wait: float, col: Collection, round_: int,
-             traffic: dict) -> set[int]:
-    """Send one wave of requests, hand every first reply of a pending node to `col`; the nodes that replied."""
+             traffic: dict, poll: float = 0.5) -> set[int]:
+    """Push one wave of requests, then pull replies to every outstanding request (this round's and earlier
+    ones') until each node of the wave has answered or `wait` has passed; returns the nodes answered."""
     msgs = []
     for node, content in requests:                 # E1's size is measured once, not serialised per request
         carries = "first_encoder" in content
@@ -293,15 +304,43 @@ def exchange(grid, requests: list[tuple[int, RecordDict]], wait: float, col: Col
             carries * traffic["encoder_bytes"]
         traffic["encoder_sends"] += carries
         msgs.append(Message(content, dst_node_id=node, message_type="query.encode", group_id=f"collect-{round_}"))
-    replied = set()
-    for reply in grid.send_and_receive(msgs, timeout=wait):
-        node = reply.metadata.src_node_id
-        if node in col.next_chunk and node not in replied:
-            replied.add(node)
-            if not reply.has_error():
-                try:
-                    traffic["reply_bytes"] += record_bytes(reply.content)
-                except Exception:          # not serialisable: `handle` rejects it, with its reason
-                    pass
-            col.handle(node, reply)
+    pushed = set(grid.push_messages(msgs))        # a message the link did not take counts as unanswered
+    for (node, content), msg in zip(requests, msgs):
+        if msg.metadata.message_id in pushed:
+            col.outstanding[msg.metadata.message_id] = (node, int(content["config"]["chunk"]))
+            col.latest[node] = msg.metadata.message_id
+    wave, replied, end = {node for node, _ in requests}, set(), time.time() + wait
+    while True:
+        for reply in (grid.pull_messages(list(col.outstanding)) if col.outstanding else ()):
+            answered = take_reply(reply, col, replied, traffic)
+            replied |= {answered} if answered is not None else set()
+        if not {n for n in wave if n in col.next_chunk} - replied or time.time() >= end:
+            break
+        time.sleep(min(poll, max(0.0, end - time.time())))
+    col.outstanding = {m: (n, c) for m, (n, c) in col.outstanding.items() if n in col.next_chunk}
     return replied
+
+
+def take_reply(reply: Message, col: Collection, replied: set[int], traffic: dict) -> int | None:
+    """Hand `reply` to `col` if it answers a request for the chunk its node still owes (the node's newest
+    request, or an earlier one answered late without an error); the node, or None for a superseded reply."""
+    mid = reply.metadata.reply_to_message_id
+    node, chunk = col.outstanding.pop(mid, (None, None))
+    if node is None or node not in col.next_chunk or node in replied or col.next_chunk[node] != chunk:
+        return None
+    newest = col.latest.get(node) == mid
+    if reply.has_error() and getattr(reply.error, "code", None) in LINK_UNAVAILABLE:
+        log.info("node %s: the link reports it unavailable (%s); it is asked again", node, str(reply.error.reason)[:200])
+        return None                                # a node between sessions (restarting): a missed round, not a drop
+    if not newest and reply.has_error():
+        return None                                # e.g. an earlier request expiring: the newest still stands
+    if not newest:
+        col.late_replies.append({"node_id": node, "chunk": chunk})
+        log.info("node %s: accepted a late reply to an earlier request for chunk %d", node, chunk)
+    if not reply.has_error():
+        try:
+            traffic["reply_bytes"] += record_bytes(reply.content)
+        except Exception:          # not serialisable: `handle` rejects it, with its reason
+            pass
+    col.handle(node, reply)
+    return node

@@ -45,14 +45,16 @@ def build_ledger(cfg: DemoConfig, federation: dict, latent_shape: list[int], rel
     accepted = set(federation.get("accepted_nodes", []))
     resumed = set(federation.get("resumed_nodes", []))
     device_releases = [{"node_id": int(node), "accepted": int(node) in accepted,
-                        "committed_by_an_earlier_run": int(node) in resumed, "records": st.get("latents"),
+                        "committed_by_an_earlier_run": int(node) in resumed, "released_latents": st.get("latents"),
                         "chunks": st.get("chunks"), "shape": [st.get("latents"), *latent_shape], "dtype": "float16",
                         "ciphertext_bytes": st.get("ciphertext_bytes"), "cipher": CIPHER,
                         "as_the_device_reported": st.get("mechanism")}
                        for node, st in (federation.get("clients") or {}).items()]
     summary = {k: entry.get(k) for k in ("epsilon", "delta", "mechanism", "neighbouring", "covers", "labels_public")}
-    summary.update(per="record (image and its label), each released once", threat_model=THREAT_MODEL,
-                   note=entry.get("note"))
+    per = ("record (image and its label), each released once" if release.group_size == 1 else
+           f"record (image and its label); each record joins at most one released mean of {release.group_size} "
+           f"same-label latents, formed within one chunk; records left over are not released")
+    summary.update(per=per, group_size=release.group_size, threat_model=THREAT_MODEL, note=entry.get("note"))
     return {
         "summary": summary, "guarantee": entry, "fields_leaving_a_device": ledger_table(),
         "not_released": NOT_RELEASED, "encoder_sha256": federation.get("encoder_sha256"),
