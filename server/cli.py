@@ -220,8 +220,25 @@ def cmd_bench_privacy(args) -> int:
     return 0
 
 
+def cmd_bench_distill_native(args) -> int:
+    from benchmarks.distill_native import NativeDistillConfig, markdown, run_native_distill
+    preset = {k: tuple(v) for k, v in (("seeds", args.seeds), ("students", args.students),
+                                        ("methods", args.methods)) if v}
+    preset.update({k: getattr(args, k) for k in ("per_class", "native_steps")
+                   if getattr(args, k, None) is not None})
+    if "native_steps" in preset:
+        preset["steps"] = preset.pop("native_steps")
+    cfg = NativeDistillConfig(data=demo_config(args).data, device=args.device, **preset)
+    path = run_native_distill(cfg, Path(args.out))
+    print(markdown(json.loads(path.read_text())))
+    print(f"results: {path} (+ .md, .png)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     harness = _benchmarks()
+    if args.distill_native:
+        return cmd_bench_distill_native(args)
     if args.federation:
         return cmd_bench_federation(args)
     if args.privacy_curve:
@@ -416,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--privacy-curve: per-record epsilons (default 0.5 1 3 8 10; delta 1e-5)")
     p.add_argument("--group-sizes", type=int, nargs="+", default=None,
                    help="--privacy-curve: device group sizes k (default 1 16)")
+    p.add_argument("--distill-native", action="store_true",
+                   help="every distillation loss in its native setting (benchmarks/distill_native.py): a teacher on "
+                        "all training images, small students on a real subset, paired seeds against vanilla KD")
+    p.add_argument("--students", nargs="+", default=None, help="--distill-native: student networks (default convnet3_w32)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="--distill-native: methods (default all: ce kd dkd ddkd mi_prior attention mixed channel_*)")
+    p.add_argument("--per-class", type=int, default=None, help="--distill-native: real images per class (default 100)")
+    p.add_argument("--native-steps", type=int, default=None, help="--distill-native: student steps (default 400)")
     add_common(p)
     add_student(p)
     add_teacher(p)

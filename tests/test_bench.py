@@ -107,3 +107,23 @@ def test_privacy_curve_scores_each_epsilon_and_group_size(tmp_path):
     arms = {(r["epsilon"], r["group_size"], r["arm"]) for r in summary(doc)}
     assert {("8.0", 1, "ours"), ("8.0", 2, "released_real"), ("inf", 1, "random_real"), ("0", 0, "public_only")} <= arms
     assert "public split alone" in markdown(doc)
+
+
+def test_distill_native_bench_pairs_every_method_with_kd(tmp_path):
+    """The native-setting bench at tiny scale: a teacher trained on all training images, students on a
+    real subset per seed, each method's paired difference to KD, a trace of every term, JSON, table, plot."""
+    from benchmarks.distill_native import NativeDistillConfig, markdown, run_native_distill
+    from shared.config import DataConfig
+    cfg = NativeDistillConfig(data=DataConfig(test_limit=200), teacher_steps=8, per_class=2, steps=6,
+                              methods=("ce", "kd", "dkd", "ddkd"), seeds=(0, 1), device="cpu")
+    path = run_native_distill(cfg, tmp_path)
+    doc = json.loads(path.read_text())
+    assert doc["teacher"]["train_images"] == 60000 and path.with_suffix(".png").stat().st_size > 5000
+    assert {(r["method"], r["seed"]) for r in doc["rows"]} == {(m, s) for m in cfg.methods for s in (0, 1)}
+    ddkd = next(r for r in doc["rows"] if r["method"] == "ddkd")
+    assert set(ddkd["trace"][0]["terms"]) == {"soft_ce", "dkd", "ddkd"} and ddkd["trace"][0]["grad_norm"] > 0
+    rows = {r["method"]: r for r in doc["summary"]}
+    assert rows["kd"]["vs_kd"] is None and rows["ddkd"]["vs_kd"]["n"] == 2
+    gap = [a - b for a, b in zip(rows["dkd"]["accuracies"], rows["kd"]["accuracies"])]
+    assert rows["dkd"]["vs_kd"]["mean"] == pytest.approx(sum(gap) / 2)
+    assert "| convnet3_w32 | ddkd |" in markdown(doc)

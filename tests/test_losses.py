@@ -53,6 +53,60 @@ def test_mi_identical_vs_independent():
     assert abs(mi(inputs(s, t)).item()) < 0.01, "independent: MI = 0"
 
 
+def test_mi_prior_stays_bounded_while_its_prior_trains():
+    """-I(P) - KL(P_s || p_s) is unbounded below in the prior; trained as a fit of the student's marginal,
+    the prior converges to it and the loss to -I(P) instead of running away."""
+    g = torch.Generator().manual_seed(0)
+    s_logits, t_logits = torch.randn(256, K, generator=g) * 2, torch.randn(256, K, generator=g) * 2
+    s_logits[:, 0] += 2                                    # a skewed student marginal
+    mi = MutualInformationPrior(K)
+    opt = torch.optim.SGD(mi.parameters(), lr=1.0)
+    for _ in range(400):
+        loss = mi(inputs(s_logits, t_logits))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    s, t = F.softmax(s_logits, 1), F.softmax(t_logits, 1)
+    p1 = s.T @ t
+    P = (p1 + p1.T) / 2
+    P = P / P.sum()
+    marginal = P.sum(1)
+    mutual_information = (P * (P.log() - marginal[:, None].log() - marginal[None, :].log())).sum()
+    torch.testing.assert_close(mi.prior().detach(), marginal, atol=2e-3, rtol=0)
+    assert mi(inputs(s_logits, t_logits)).item() == pytest.approx(-mutual_information.item(), abs=1e-4)
+
+
+def test_ddkd_denoises_from_the_middle_of_the_schedule_with_bounded_gradients():
+    """A start near t = 999 divides by sqrt(alpha_bar) ~ 0.02 and multiplied the student's gradient; a
+    saturated noise adapter (gamma exactly 0 or 1 in bf16) gave sqrt an infinite derivative."""
+    from server.distill.ddkd import DDKD
+    torch.manual_seed(0)
+    loss_fn = DDKD(K, student_channels=32, teacher_channels=128)
+    assert max(loss_fn.timesteps) <= 500 and min(loss_fn.timesteps) == 0 and len(loss_fn.timesteps) == 5
+    fs = torch.randn(16, 32, 8, 8, requires_grad=True)
+    ft = torch.randn(16, 128, 8, 8)
+    loss_fn(inputs(torch.randn(16, K), torch.randn(16, K), fs, ft)).backward()
+    assert torch.isfinite(fs.grad).all() and fs.grad.abs().max() < 0.05
+    with torch.no_grad():
+        loss_fn.adapter.net[-1].bias.copy_(torch.tensor([200.0, -200.0]))      # gamma saturates to 1
+    fs.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(inputs(torch.randn(16, K), torch.randn(16, K), fs, ft))
+    loss.backward()
+    assert torch.isfinite(fs.grad).all()
+
+
+def test_dkd_weight_warms_up_linearly():
+    from server.distill.losses import DKD
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(8, K, generator=g), torch.randn(8, K, generator=g)
+    dkd = DKD(K, warmup=0.2)
+    full = dkd(LossInputs(s, F.one_hot(torch.arange(8) % K, K).float(), t, progress=0.5)).item()
+    half = dkd(LossInputs(s, F.one_hot(torch.arange(8) % K, K).float(), t, progress=0.1)).item()
+    start = dkd(LossInputs(s, F.one_hot(torch.arange(8) % K, K).float(), t, progress=0.0)).item()
+    assert full > 0 and start == 0 and half == pytest.approx(full / 2, rel=1e-6)
+
+
 def test_dkd_decomposes_kd():
     """DKD paper, eq. 4: KD = TCKD + (1 - p_t^gt) NCKD, per sample."""
     g = torch.Generator().manual_seed(1)
@@ -113,7 +167,7 @@ def test_composed_spec_and_unknown_name():
         build_losses("nope", K)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2", "convnet3"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet8", "mobilenet_v2", "shufflenet_v2", "convnet3"])
 def test_distillation_points_capture_pre_activation(name):
     model = build_student(name, 1, K).eval()
     tap = FeatureTap(model, name)

@@ -18,6 +18,7 @@ class LossInputs:
     teacher_logits: torch.Tensor | None = None
     student_features: torch.Tensor | None = None   # (B, n, H, W) at the distillation point
     teacher_features: torch.Tensor | None = None   # (B, m, H, W), same H, W
+    progress: float = 1.0                          # fraction of the training steps done (DKD's warm-up)
     extras: dict = field(default_factory=dict)
 
     def need_teacher(self, name: str) -> torch.Tensor:

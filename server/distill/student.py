@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from server.distill.losses import LossInputs, build_losses, needs_teacher, teacher_view_strength
+from server.distill.losses import LossInputs, build_losses, needs_teacher, parse_loss_spec, teacher_view_strength
 from shared.augment import AUGMENTATIONS
 from shared.cache import config_hash, fingerprint, state_fingerprint, to_jsonable
 from shared.checkpoint import LoopCheckpoint
@@ -26,9 +26,12 @@ from shared.progress import progress
 
 def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfig, device: torch.device,
                   steps: int | None = None, loss: str = "soft_ce", desc: str = "student",
-                  teacher: nn.Module | None = None, checkpoint: Path | None = None) -> nn.Module:
+                  teacher: nn.Module | None = None, checkpoint: Path | None = None, trace: list | None = None,
+                  trace_every: int = 25) -> nn.Module:
     """`targets`: (N, K) soft labels. Trains for `steps` (default cfg.steps) minibatch steps. With
-    `checkpoint`, the loop's state is kept there every minute and a restarted call resumes it.
+    `checkpoint`, the loop's state is kept there every minute and a restarted call resumes it. With
+    `trace` (a list), every `trace_every` steps it gets each loss term's value (unweighted) and the
+    student's gradient norm: what a diagnosis of a failing loss reads.
 
     With a `teacher`, each batch is augmented twice from the same random draws: for the student, and
     for the teacher at `teacher_view_strength` of its magnitude (1: the same view; docs/spec.md §2's MI loss:
@@ -44,9 +47,10 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_student(cfg.model, images.shape[1], targets.shape[1], images.shape[-1]).to(device)
-    taps = (FeatureTap(model, cfg.model), FeatureTap(teacher, "teacher")) if teacher is not None else None
+    taps = (FeatureTap(model, cfg.model), FeatureTap(teacher, getattr(teacher, "arch", "teacher"))) if teacher is not None else None
     context = _feature_channels(model, teacher, images[:2].to(device), taps) if taps else {}
     terms = [(module.to(device), w) for module, w in build_losses(loss, targets.shape[1], **context)]
+    names = [name for name, _ in parse_loss_spec(loss)]
     params = [*model.parameters(), *(p for module, _ in terms for p in module.parameters())]
     batch = min(cfg.batch_size, len(images))
     opt = torch.optim.SGD(params, lr=student_lr(cfg, batch), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -62,17 +66,20 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
         x = images[idx].to(device)
         draws = gen.get_state()
         with autocast(device, cpu_bf16=True):
-            inp = LossInputs(model(augment(x, 1.0, gen)).float(), targets[idx].to(device))
+            inp = LossInputs(model(augment(x, 1.0, gen)).float(), targets[idx].to(device), progress=step / steps)
             if teacher is not None:
                 with torch.no_grad():
                     inp.teacher_logits = teacher(augment(x, teacher_strength, torch.Generator().set_state(draws))).float()
                 inp.student_features, inp.teacher_features = taps[0].value, taps[1].value
-            total = sum(w * module(inp) for module, w in terms)
+            values = [module(inp) for module, _ in terms]
+            total = sum(w * v for (_, w), v in zip(terms, values))
         if not torch.isfinite(total):
             raise FloatingPointError(f"student loss '{loss}' became {total.item()} at step {step}: training diverged; "
                                      f"lower the learning rate or that term's weight (e.g. soft_ce:1,kd:0.5)")
         opt.zero_grad(set_to_none=True)
         total.backward()
+        if trace is not None and step % trace_every == 0:
+            trace.append(_trace_row(step, names, values, model))
         opt.step()
         sched.step()
         state.tick(step + 1, _Trained(model, terms), opt, sched, [gen])
@@ -80,6 +87,14 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     for tap in taps or ():
         tap.remove()
     return model.eval()
+
+
+def _trace_row(step: int, names: list[str], values: list[torch.Tensor], model: nn.Module) -> dict:
+    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    terms = {}
+    for name, value in zip(names, values):
+        terms[name if name not in terms else f"{name}#{len(terms)}"] = float(value.detach())
+    return {"step": step, "terms": terms, "grad_norm": float(torch.stack(grads).norm()) if grads else 0.0}
 
 
 class _Trained(nn.Module):
@@ -126,8 +141,8 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def fit_and_score(images, targets, test, cfg: StudentConfig, device, steps=None, loss="soft_ce", desc="student",
-                  teacher=None, checkpoint: Path | None = None) -> dict:
+                  teacher=None, checkpoint: Path | None = None, trace: list | None = None) -> dict:
     start = time.time()
-    model = train_student(images, targets, cfg, device, steps, loss, desc, teacher, checkpoint)
+    model = train_student(images, targets, cfg, device, steps, loss, desc, teacher, checkpoint, trace)
     return {"accuracy": evaluate(model, test.images, test.labels, device), "seconds": time.time() - start,
             "images": len(images), "steps": steps or cfg.steps}

@@ -1,6 +1,6 @@
 """Distillation points of torchvision students (docs/spec.md §5): where channel-level losses read features.
 
-- ResNet: after the residual addition, before the ReLU (last block of `layer3`): the input of the
+- ResNet (18, 8): after the residual addition, before the ReLU (last block of `layer3`): the input of the
   block's ReLU on its second call.
 - MobileNetV2: after BN, before the activation: the BN of the last conv block (`features[-1][1]`).
 - ShuffleNetV2: after the channel shuffle, the output of `stage3`'s last block.
@@ -31,7 +31,7 @@ class FeatureTap:
 
 
 def distill_point(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    if name == "resnet18":
+    if name in ("resnet18", "resnet8"):
         return model.layer3[-1].relu, "pre"
     if name == "mobilenet_v2":
         return model.features[-1][1], "post"

@@ -49,6 +49,22 @@ def resnet18(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Mod
     return net
 
 
+@STUDENTS.register("resnet8")
+def resnet8(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
+    """ResNet-8 (CIFAR ResNets of He et al. 2016: a 3x3 stem, then one basic block per stage at widths
+    16 / 32 / 64): the small student of the KD literature (mdistiller's resnet8)."""
+    net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    net.conv1, net.bn1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+    net.maxpool = nn.Identity()
+    net.inplanes = 16
+    net.layer1, net.layer2 = net._make_layer(torchvision.models.resnet.BasicBlock, 16, 1), \
+        net._make_layer(torchvision.models.resnet.BasicBlock, 32, 1, stride=2)
+    net.layer3 = net._make_layer(torchvision.models.resnet.BasicBlock, 64, 1, stride=2)
+    net.layer4 = nn.Identity()
+    net.fc = nn.Linear(64, num_classes)
+    return net
+
+
 @STUDENTS.register("mobilenet_v2")
 def mobilenet_v2(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
     net = torchvision.models.mobilenet_v2(num_classes=num_classes)
@@ -93,4 +109,7 @@ class EnsembleConvNet(nn.Module):
 
 
 def build_student(name: str, in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
-    return STUDENTS[name](in_channels, num_classes, image_size)
+    """The named network; `.arch` keeps its name, which locates its distillation point when it teaches."""
+    net = STUDENTS[name](in_channels, num_classes, image_size)
+    net.arch = name
+    return net
