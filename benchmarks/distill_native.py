@@ -65,7 +65,7 @@ def all_training_images(ds):
     return torch.cat([ds.public.images, ds.private.images]), torch.cat([ds.public.labels, ds.private.labels])
 
 
-def load_or_train_teacher(cfg: NativeDistillConfig, ds, dev) -> tuple[torch.nn.Module, dict]:
+def load_or_train_native_teacher(cfg: NativeDistillConfig, ds, dev) -> tuple[torch.nn.Module, dict]:
     """The teacher: `cfg.teacher` trained from scratch on all training images (public + private), cached."""
     images, labels = all_training_images(ds)
     scfg = student_config(cfg, cfg.teacher, 0, cfg.teacher_steps)
@@ -119,7 +119,7 @@ def summarise(rows: list[dict], methods, students) -> list[dict]:
 def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
     dev = resolve_device(cfg.device)
     ds = load_dataset(cfg.data)
-    teacher, teacher_info = load_or_train_teacher(cfg, ds, dev)
+    teacher, teacher_info = load_or_train_native_teacher(cfg, ds, dev)
     images, labels = all_training_images(ds)
     rows = []
     for student in cfg.students:
