@@ -34,11 +34,18 @@ METHODS = {
     "ddkd": ("soft_ce:1,dkd:1,ddkd:1", "docs/spec.md §3, DiffKD's pipeline: DKD on logits + 5 DDIM steps on features"),
     "mi_prior": ("soft_ce:1,mi_prior:1", "docs/spec.md §2: MI with a learnable prior, teacher on a weak view"),
     "attention": ("soft_ce:1,attention:1", "docs/spec.md §4; Zagoruyko & Komodakis 2017: beta 1000"),
-    "mixed": ("soft_ce:1,mixed:1", "docs/spec.md §4: 0.5 KL + 0.3 feature MSE + 0.2 attention MSE"),
+    "mixed": ("soft_ce:0.1,mixed:1", "docs/spec.md §4: 0.5 KL + 0.3 feature MSE + 0.2 attention MSE, the seed's "
+                                     "whole loss; the task term at KD's weight 0.1"),
     "channel_sparse": ("soft_ce:1,channel_sparse:1", "docs/spec.md §5 rule 1: Hungarian, one teacher channel each"),
     "channel_random": ("soft_ce:1,channel_random:1", "docs/spec.md §5 rule 2: a random channel of the matched group"),
     "channel_maxpool": ("soft_ce:1,channel_maxpool:1", "docs/spec.md §5 rule 3: max over the matched group"),
 }
+# a feature term is also used on top of KD, as the attention-transfer paper reports AT+KD and FitNets trains
+# with KD after its hint stage: the same term added to the KD row's loss, so the paired difference to KD
+# is the term's own contribution
+FEATURE_TERMS = ("mi_prior", "attention", "channel_sparse", "channel_random", "channel_maxpool")
+METHODS.update({f"{name}+kd": (f"{METHODS['kd'][0]},{name}:1", f"KD plus the {name} term ({METHODS[name][1]})")
+                for name in FEATURE_TERMS})
 
 
 @dataclass
@@ -171,7 +178,8 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     rows = doc["summary"]
     students = sorted({r["student"] for r in rows})
-    fig, axes = plt.subplots(1, len(students), figsize=(7 * len(students), 4), squeeze=False)
+    width = max(7, 0.45 * len(doc["config"]["methods"]))
+    fig, axes = plt.subplots(1, len(students), figsize=(width * len(students), 4), squeeze=False)
     for ax, student in zip(axes[0], students):
         mine = [r for r in rows if r["student"] == student]
         ax.bar(range(len(mine)), [100 * r["mean"] for r in mine], yerr=[100 * r["std"] for r in mine], capsize=3,

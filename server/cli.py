@@ -132,6 +132,7 @@ def cmd_audit(args) -> int:
           + (f", LiRA {mia['lira_offline']['auc']:.3f}" if "lira_offline" in mia else ""))
     for name, v in result["inversion"]["settings"].items():
         print(f"inversion {name}: PSNR {v['psnr_db']:.2f} dB, SSIM {v['ssim']:.3f}")
+    print(f"verdict ({result['verdict']['status']}): {result['verdict']['text']}")
     print(f"audit: {Path(args.run_dir) / 'audit' / 'audit.html'}")
     return 0
 
@@ -235,10 +236,29 @@ def cmd_bench_distill_native(args) -> int:
     return 0
 
 
+def cmd_bench_distill_synthetic(args) -> int:
+    from benchmarks.distill_synthetic import SyntheticDistillConfig, markdown, run_synthetic_distill
+    from benchmarks.standard import StandardBenchConfig
+    base = demo_config(args)
+    bench = StandardBenchConfig(data=base.data, autoencoder=base.autoencoder, chain=base.chain, condense=base.condense,
+                                student=base.student, recipe=args.recipe, device=base.device,
+                                refine_iterations=base.condense.refine_iterations, refine_lr=base.condense.refine_lr)
+    preset = {k: tuple(v) for k, v in (("seeds", args.seeds), ("methods", args.methods), ("students", args.students))
+              if v}
+    if args.ipc:
+        preset["ipc"] = args.ipc[0]
+    path = run_synthetic_distill(SyntheticDistillConfig(bench=bench, **preset), Path(args.out))
+    print(markdown(json.loads(path.read_text())))
+    print(f"results: {path} (+ .md, .png)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     harness = _benchmarks()
     if args.distill_native:
         return cmd_bench_distill_native(args)
+    if args.distill_synthetic:
+        return cmd_bench_distill_synthetic(args)
     if args.federation:
         return cmd_bench_federation(args)
     if args.privacy_curve:
@@ -320,6 +340,8 @@ def cmd_losses(args) -> int:
     for name in LOSSES.names():
         doc = (LOSSES[name].__doc__ or "").strip().split("\n")[0]
         print(f"{name:16s} {doc}")
+        if getattr(LOSSES[name], "caveat", None):
+            print(f"{'':16s} ! {LOSSES[name].caveat.format(name=name)}")
     print("\ncompose by weight: --loss soft_ce:1,kd:0.5 (`fedcondense distill`, `demo --student-loss`)")
     return 0
 
@@ -436,9 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-native", action="store_true",
                    help="every distillation loss in its native setting (benchmarks/distill_native.py): a teacher on "
                         "all training images, small students on a real subset, paired seeds against vanilla KD")
-    p.add_argument("--students", nargs="+", default=None, help="--distill-native: student networks (default convnet3_w32)")
+    p.add_argument("--distill-synthetic", action="store_true",
+                   help="every distillation loss on the condensed set (benchmarks/distill_synthetic.py): the "
+                        "teacher-KD student with the server's teacher, paired seeds against soft labels and KD")
+    p.add_argument("--students", nargs="+", default=None, help="--distill-native: student networks (default convnet3_w32); --distill-synthetic: "
+                        "(default convnet3 convnet3_w32)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="--distill-native: methods (default all: ce kd dkd ddkd mi_prior attention mixed channel_*)")
+                   help="--distill-native / --distill-synthetic: methods (default all: ce kd dkd ddkd mi_prior "
+                        "attention mixed channel_*, and each feature term added to KD: NAME+kd)")
     p.add_argument("--per-class", type=int, default=None, help="--distill-native: real images per class (default 100)")
     p.add_argument("--native-steps", type=int, default=None, help="--distill-native: student steps (default 400)")
     add_common(p)

@@ -63,3 +63,19 @@ def test_an_audit_finds_the_runs_checkpoints_after_the_cache_moved(tmp_path, mon
     assert run_checkpoint(report, "teacher") == tmp_path / "gone-too" / "teacher-def", "the recorded path first"
     with pytest.raises(FileNotFoundError, match="autoencoder-123 is neither at /elsewhere/cache/autoencoder-123 nor"):
         run_checkpoint(report, "autoencoder")
+
+
+def test_empirical_epsilon_bounds_what_an_attack_shows_and_no_more():
+    """A perfect attack on 2,000 candidates proves a large epsilon; a chance-level one proves none; a
+    moderate one (scores shifted by 1 sd) lands between, with a bootstrap interval around its AUC."""
+    rng = np.random.default_rng(0)
+    is_member = np.r_[np.ones(1000), np.zeros(1000)]
+    perfect = attacks.empirical_epsilon(is_member + 0.01 * rng.random(2000), is_member, delta=1e-5)
+    chance = attacks.empirical_epsilon(rng.random(2000), is_member, delta=1e-5)
+    shifted = rng.normal(size=2000) + is_member
+    moderate = attacks.attack_figures(shifted, is_member, delta=1e-5)
+    # 500 held-out trials per side with no error: the Clopper-Pearson bounds allow log(1 / 0.0074) ~ 4.9
+    assert perfect["epsilon_lower_bound"] > 4.5 and chance["epsilon_lower_bound"] < 0.3
+    assert 0.3 < moderate["empirical_epsilon"]["epsilon_lower_bound"] < perfect["epsilon_lower_bound"]
+    lo, hi = moderate["ci"]["auc"]
+    assert lo < moderate["auc"] < hi and hi - lo < 0.06 and abs(moderate["auc"] - 0.76) < 0.03

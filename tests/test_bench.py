@@ -127,3 +127,32 @@ def test_distill_native_bench_pairs_every_method_with_kd(tmp_path):
     gap = [a - b for a, b in zip(rows["dkd"]["accuracies"], rows["kd"]["accuracies"])]
     assert rows["dkd"]["vs_kd"]["mean"] == pytest.approx(sum(gap) / 2)
     assert "| convnet3_w32 | ddkd |" in markdown(doc)
+
+
+def test_distill_synthetic_bench_pairs_every_method_with_soft_labels_and_kd(tmp_path):
+    """The synthetic-set bench at tiny scale, through the CLI: condensed sets per seed, the server's teacher,
+    every method's paired difference to the soft-label baseline and to KD, a feature term on top of KD."""
+    from benchmarks.distill_synthetic import markdown
+    from server.cli import main
+    tiny = ["--train-limit", "1500", "--test-limit", "200", "--T", "5", "--ae-steps", "30", "--chain-steps", "40",
+            "--chain-batch", "32", "--module-steps", "2", "--teacher-steps", "10", "--device", "cpu"]
+    methods = ["ce", "kd", "dkd", "channel_sparse+kd"]
+    assert main(["bench", "--distill-synthetic", "--methods", *methods, "--seeds", "0", "1", "--ipc", "2",
+                 "--student-steps", "4", "--refine-iterations", "2", "--out", str(tmp_path), *tiny]) == 0
+    path = next(tmp_path.glob("fmnist-distill-synthetic-ipc2-*.json"))
+    doc = json.loads(path.read_text())
+    students = ("convnet3", "convnet3_w32")
+    assert {(r["student"], r["method"], r["seed"]) for r in doc["rows"]} == \
+        {(n, m, s) for n in students for m in methods for s in (0, 1)}
+    assert {r["set"] for r in doc["rows"]} == {"ours_refined|ipc2|s0", "ours_refined|ipc2|s1"}
+    stacked = next(r for r in doc["rows"] if r["method"] == "channel_sparse+kd" and r["student"] == "convnet3_w32")
+    assert set(stacked["trace"][0]["terms"]) == {"soft_ce", "kd", "channel_sparse"}
+    # the tiny teacher's features have 64 channels: too few to match the 128 of a width-128 student
+    assert [(n["student"], n["method"]) for n in doc["not_applicable"]] == [("convnet3", "channel_sparse+kd")]
+    rows = {(r["student"], r["method"]): r for r in doc["summary"]}
+    assert rows["convnet3", "ce"]["vs_ce"] is None and rows["convnet3", "kd"]["vs_kd"] is None
+    assert rows["convnet3_w32", "dkd"]["vs_ce"]["n"] == 2 and ("convnet3", "channel_sparse+kd") not in rows
+    table = markdown(doc)
+    assert "| convnet3_w32 | channel_sparse+kd |" in table and "Not applicable: convnet3 with channel_sparse+kd" in table
+    assert path.with_suffix(".png").stat().st_size > 5000
+    assert not list(tmp_path.glob("*.partial.json"))

@@ -116,3 +116,33 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def teacher_training(out: Path) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "teacher_training.py"), str(out), "200"], cwd=REPO,
+                            env={**ENV, "FEDCONDENSE_CHECKPOINT_S": "0"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_a_teacher_killed_mid_training_resumes_to_the_same_weights(tmp_path):
+    """The server's teacher keeps its training state like the students: killed once that state is on disk,
+    started again, it ends with the uninterrupted run's weights, to the last bit."""
+    import torch
+    finish(teacher_training(tmp_path / "whole"))
+    work = tmp_path / "killed"
+    proc = teacher_training(work)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (work / "training.pt").exists():
+        time.sleep(0.02)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (work / "training.pt").exists() and not (work / "teacher.pt").exists(), \
+        "killed before the first checkpoint or after the end (the test must cut the training mid-way)"
+    log = finish(teacher_training(work))
+    resumed_at = int(log.split("resumed_at_step=")[1].split()[0])
+    assert 0 < resumed_at < 200 and not (work / "training.pt").exists(), log[-2000:]
+    whole = torch.load(tmp_path / "whole" / "teacher.pt")
+    again = torch.load(work / "teacher.pt")
+    assert whole.keys() == again.keys() and all(whole[k].equal(again[k]) for k in whole)

@@ -116,8 +116,15 @@ def test_audit_page_renders_in_chromium(tiny_run, tmp_path):
     audit = json.loads((tiny_run / "audit" / "audit.json").read_text())
     assert 0 <= audit["membership"]["loss_threshold"]["auc"] <= 1 and "lira_offline" in audit["membership"]
     assert set(audit["inversion"]["settings"]) == {"no DP", "epsilon=8", "epsilon=1"}
+    shipped = audit["shipped"]     # what the run ships: its teacher and its distilled student, with shadows
+    for who in ("teacher", "student"):
+        for attack in ("loss_threshold", "lira_offline"):
+            r = shipped[who][attack]
+            assert r["ci"]["auc"][0] <= r["auc"] <= r["ci"]["auc"][1] and r["empirical_epsilon"]["epsilon_lower_bound"] >= 0
+    assert shipped["shadows"] == 1 and shipped["members"] == shipped["nonmembers"] > 0
+    assert audit["verdict"]["status"] == "no claim" and len(audit["verdict"]["attacks"]) == 6
     figures = re.findall(r'<img src="([^"]+)"', page.read_text())
-    assert len(figures) == 5 and all((page.parent / f).stat().st_size > 1000 for f in figures)
+    assert len(figures) == 6 and all((page.parent / f).stat().st_size > 1000 for f in figures)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "headless Chromium is needed for this test: `make test` installs it (apt-get install chromium)"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -233,3 +233,25 @@ def test_small_batches_train_at_a_sqrt_scaled_learning_rate(monkeypatch):
     x, y = torch.randn(10, 1, 32, 32), F.one_hot(torch.arange(10) % K, K).float()
     student.train_student(x, y, StudentConfig(model="convnet3_w32", steps=1), torch.device("cpu"))
     assert seen == [pytest.approx(student.student_lr(StudentConfig(), 10))]
+
+
+def test_a_feature_term_alone_carries_its_warning(caplog):
+    """A feature-only term that trains below KD without a logit term is still selectable, with its caveat
+    in `fedcondense losses` and in the log when a spec uses it alone; beside KD no warning applies."""
+    import logging
+    import subprocess
+    import sys
+    from server.distill.losses import build_losses, spec_caveats
+    alone = spec_caveats("soft_ce:1,attention:1,channel_sparse:1")
+    assert [w.split(":")[0] for w in alone] == ["attention", "channel_sparse"]
+    assert "soft_ce:0.1,kd:0.9,channel_sparse:1" in alone[1]
+    assert spec_caveats("soft_ce:0.1,kd:0.9,channel_sparse:1") == [] and spec_caveats("soft_ce:1,kd:1") == []
+    assert [w.split(":")[0] for w in spec_caveats("soft_ce:1,dkd:1,channel_sparse:1")] == ["dkd"]
+    with caplog.at_level(logging.WARNING):
+        build_losses("soft_ce:1,mi_prior:1", 10)
+    assert "below vanilla KD" in caplog.text and "mi_prior" in caplog.text
+    listing = subprocess.run([sys.executable, "-m", "server.cli", "losses"], capture_output=True, text=True,
+                             check=True).stdout
+    flagged = [line.split()[0] for line, nxt in zip(listing.splitlines(), listing.splitlines()[1:])
+               if nxt.strip().startswith("!")]
+    assert flagged == ["attention", "channel_maxpool", "channel_random", "channel_sparse", "dkd", "mi_prior"]

@@ -36,6 +36,69 @@ def roc(scores: np.ndarray, is_member: np.ndarray) -> dict:
             "fpr": fpr[:: max(1, len(fpr) // 400)].tolist(), "tpr": tpr[:: max(1, len(tpr) // 400)].tolist()}
 
 
+def bootstrap_intervals(scores: np.ndarray, is_member: np.ndarray, resamples: int = 200, level: float = 0.95,
+                        seed: int = 0) -> dict:
+    """Percentile bootstrap intervals of AUC and TPR at 1 % / 0.1 % FPR, members and non-members resampled
+    separately (their counts fixed)."""
+    rng = np.random.default_rng(seed)
+    members, others = np.flatnonzero(is_member == 1), np.flatnonzero(is_member == 0)
+    keys = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
+    draws = {k: [] for k in keys}
+    for _ in range(resamples):
+        idx = np.r_[rng.choice(members, len(members)), rng.choice(others, len(others))]
+        r = roc(scores[idx], is_member[idx])
+        for k in keys:
+            draws[k].append(r[k])
+    tail = 100 * (1 - level) / 2
+    return {k: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for k, v in draws.items()} | \
+        {"level": level, "resamples": resamples}
+
+
+def clopper_pearson_upper(k: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    """One-sided (1 - alpha) upper confidence bound of a binomial rate with k successes in n trials."""
+    k = np.asarray(k, dtype=float)
+    return np.where(k >= n, 1.0, stats.beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1e-12)))
+
+
+def empirical_epsilon(scores: np.ndarray, is_member: np.ndarray, delta: float, confidence: float = 0.95,
+                      seed: int = 0) -> dict:
+    """A lower bound on epsilon from the attack (Jagielski et al. 2020; Nasr et al. 2021).
+
+    The attack is a test of 'member' against 'non-member'. (epsilon, delta)-DP bounds every test:
+    FPR + e^eps FNR >= 1 - delta and FNR + e^eps FPR >= 1 - delta. The threshold that maximises the bound on
+    one random half of the candidates is evaluated on the other half: one-sided Clopper-Pearson upper bounds on FPR and FNR
+    (each at 1 - (1 - confidence) / 2, so both hold together at `confidence`) give
+    eps_lb = max(log((1 - delta - FNR_hi) / FPR_hi), log((1 - delta - FPR_hi) / FNR_hi), 0).
+    Each candidate is one trial of the game, as one-run audits count them (Steinke et al. 2023)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(scores))
+    pick, hold = order[: len(order) // 2], order[len(order) // 2:]
+    alpha = (1 - confidence) / 2
+
+    def rates(idx, threshold):
+        member = is_member[idx].astype(bool)
+        guess = scores[idx] >= threshold
+        return int((guess & ~member).sum()), int((~member).sum()), int((~guess & member).sum()), int(member.sum())
+
+    def bound(fp, n_out, fn, n_in):
+        fpr_hi, fnr_hi = clopper_pearson_upper(fp, n_out, alpha), clopper_pearson_upper(fn, n_in, alpha)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            options = [np.log((1 - delta - fnr_hi) / fpr_hi), np.log((1 - delta - fpr_hi) / fnr_hi)]
+        return max(0.0, *(float(v) for v in options if np.isfinite(v)))
+
+    thresholds = np.unique(scores[pick])                  # the bound itself picks: extreme thresholds lose
+    best = max(thresholds, key=lambda t: bound(*rates(pick, t))) if len(thresholds) else 0.0
+    fp, n_out, fn, n_in = rates(hold, best)
+    return {"epsilon_lower_bound": bound(fp, n_out, fn, n_in), "delta": delta, "confidence": confidence,
+            "threshold": float(best), "held_out": {"fp": fp, "nonmembers": n_out, "fn": fn, "members": n_in}}
+
+
+def attack_figures(scores: np.ndarray, is_member: np.ndarray, delta: float) -> dict:
+    """ROC figures, their bootstrap intervals and the empirical epsilon lower bound of one attack."""
+    return {**roc(scores, is_member), "ci": bootstrap_intervals(scores, is_member),
+            "empirical_epsilon": empirical_epsilon(scores, is_member, delta)}
+
+
 def loss_threshold_attack(target_scores: np.ndarray, is_member: np.ndarray) -> dict:
     """Yeom et al. 2018 baseline: lower loss (higher confidence) means member."""
     return roc(target_scores, is_member)
@@ -46,7 +109,8 @@ def lira_offline(target_scores: np.ndarray, shadow_out_scores: np.ndarray, is_me
     shadow models that did NOT train on it; the test statistic is how far above that the target lies.
     `shadow_out_scores`: (num_shadows, N)."""
     mu, sd = shadow_out_scores.mean(0), shadow_out_scores.std(0) + 1e-6
-    return roc(stats.norm.logcdf(target_scores, mu, sd), is_member)
+    statistic = stats.norm.logcdf(target_scores, mu, sd)
+    return {**roc(statistic, is_member), "scores": statistic}
 
 
 # ------------------------------------------------------------------ latent inversion

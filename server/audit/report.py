@@ -10,17 +10,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-FIGURES = ("roc.png", "inversion.png", "memorisation.png", "closest_pairs.png", "privacy_utility.png")
+FIGURES = ("roc.png", "roc_shipped.png", "inversion.png", "memorisation.png", "closest_pairs.png", "privacy_utility.png")
 
 
-def plot_roc(mia: dict, path: Path) -> None:
+def plot_roc(curves: dict, path: Path, title: str = "Membership inference") -> None:
+    """`curves`: label -> attack result (its fpr, tpr, auc)."""
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    for name in ("loss_threshold", "lira_offline"):
-        if name in mia:
-            r = mia[name]
-            ax.plot([max(f, 1e-4) for f in r["fpr"]], [max(t, 1e-4) for t in r["tpr"]], label=f"{name} (AUC {r['auc']:.3f})")
+    for label, r in curves.items():
+        ax.plot([max(f, 1e-4) for f in r["fpr"]], [max(t, 1e-4) for t in r["tpr"]], label=f"{label} (AUC {r['auc']:.3f})")
     ax.plot([1e-4, 1], [1e-4, 1], "k:", label="chance")
-    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate", title="Membership inference")
+    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -58,8 +57,11 @@ def _row(*cells) -> str:
 
 def write_report(result: dict, out: Path) -> None:
     out = Path(out)
-    mia, inv, mem = result["membership"], result["inversion"], result["memorisation"]
-    plot_roc(mia, out / "roc.png")
+    mia, inv, mem, shipped = result["membership"], result["inversion"], result["memorisation"], result["shipped"]
+    plot_roc({k: mia[k] for k in ("loss_threshold", "lira_offline") if k in mia}, out / "roc.png")
+    plot_roc({f"{who} {k}": shipped[who][k] for who in ("teacher", "student") if who in shipped
+              for k in ("loss_threshold", "lira_offline") if k in shipped[who]}, out / "roc_shipped.png",
+             "Membership of the training data")
     plot_memorisation(mem, out / "memorisation.png")
     plot_utility(result["privacy_utility"], out / "privacy_utility.png")
     (out / "audit.json").write_text(json.dumps(result, indent=2))
@@ -68,20 +70,36 @@ def write_report(result: dict, out: Path) -> None:
           if priv.get("mechanism") == "none" else
           f"Client-side Gaussian mechanism: epsilon = {priv['epsilon']:.4g}, delta = {priv['delta']:.2g} per image "
           f"({priv['neighbouring']}).")
-    mia_rows = "".join(_row(k, f"{mia[k]['auc']:.4f}", f"{mia[k]['tpr_at_1pct_fpr']:.4f}", f"{mia[k]['tpr_at_0.1pct_fpr']:.4f}")
-                       for k in ("loss_threshold", "lira_offline") if k in mia)
+    attack_rows = "".join(_row(r["target"], r["attack"], f"{r['auc']:.4f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]",
+                               f"{r['tpr_at_1pct_fpr']:.4f}", f"{r['tpr_at_0.1pct_fpr']:.4f}",
+                               f"{r['epsilon_lower_bound']:.2f}") for r in result["verdict"]["attacks"])
+    shipped_note = (shipped["skipped"] if "skipped" in shipped else
+                    f"Members: {shipped['members']} pooled private images (the teacher trained on every pooled latent); "
+                    f"non-members: {shipped['nonmembers']} test images. The shipped student trains with "
+                    f"'{shipped['student_loss']}' from the run's teacher. "
+                    + (f"LiRA (offline): {shipped['shadows']} OUT shadow teachers retrained without the candidate members, "
+                       "a student distilled from each." if "shadows" in shipped else shipped.get("lira_skipped", "")))
     inv_rows = "".join(_row(k, f"{v['psnr_db']:.2f}", f"{v['ssim']:.4f}") for k, v in inv["settings"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedcondense privacy audit</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px}}img{{max-width:100%;border:1px solid #ddd}}.note{{color:#555}}</style></head><body>
 <h1>Privacy audit</h1><p>Run: <code>{html.escape(result['run'])}</code> ({html.escape(result['mode'])}).</p>
+<h2>Verdict: {html.escape(result['verdict']['status'])}</h2><p>{html.escape(result['verdict']['text'])}</p>
 <h2>Differential privacy spent</h2><p>{html.escape(dp)}</p>
-<h2>Membership inference against the student</h2>
+<h2>Membership inference</h2>
+<table><tr><th>target</th><th>attack</th><th>AUC [95% bootstrap CI]</th><th>TPR @ 1% FPR</th><th>TPR @ 0.1% FPR</th>
+<th>epsilon lower bound (95%)</th></tr>{attack_rows}</table>
+<p class="note">Epsilon lower bounds: the attack read as a hypothesis test, its threshold chosen on one half of the
+candidates and its error rates bounded by Clopper-Pearson on the other (Jagielski et al. 2020; Nasr et al. 2021), each
+candidate one trial of the game; intervals: 200 bootstrap resamples of members and non-members.</p>
+<h3>Conditioning: the synthetic set</h3>
 <p class="note">Members: {mia['members']} real private images whose latents conditioned the synthetic set; non-members:
-{mia['nonmembers']} private images that conditioned nothing. LiRA (offline) uses {mia.get('shadows', 0)} OUT shadow students;
-the shadows reuse the run's chain, so this measures leakage through conditioning and the student.</p>
-<table><tr><th>attack</th><th>AUC</th><th>TPR @ 1% FPR</th><th>TPR @ 0.1% FPR</th></tr>{mia_rows}</table>
+{mia['nonmembers']} private images that conditioned nothing. The target student trains on the set's soft labels alone.
+LiRA (offline) uses {mia.get('shadows', 0)} OUT shadow students; the shadows reuse the run's chain, so this measures
+leakage through conditioning and the student.</p>
 <p><img src="roc.png" alt="ROC curves"></p>
+<h3>Training: the shipped teacher and student</h3><p class="note">{html.escape(shipped_note)}</p>
+<p><img src="roc_shipped.png" alt="ROC curves of the shipped models"></p>
 <h2>Latent inversion</h2><p class="note">An attacker who knows E1 trains an inverse network on the public split ({inv['inverter_steps']} steps)
 and reconstructs {inv['images']} client images from their latents. Rows: {html.escape(', '.join(inv['rows']))}.</p>
 <table><tr><th>setting</th><th>PSNR (dB)</th><th>SSIM</th></tr>{inv_rows}</table><p><img src="inversion.png" alt="inversion grid"></p>

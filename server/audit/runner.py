@@ -18,7 +18,7 @@ from server.audit import attacks
 from server.condense.chain import SyntheticSet, condense, save_grid
 from server.condense.pretrain import load_chain
 from server.distill.student import train_student
-from server.distill.teacher import load_teacher
+from server.distill.teacher import load_teacher, train_teacher
 from shared.accounting import default_delta, noise_for_epsilon
 from shared.cache import cache_root
 from shared.config import ChainConfig, CondenseConfig, DataConfig, StudentConfig
@@ -41,6 +41,12 @@ def resolve_real_index(report: dict, ds, ids: torch.Tensor, run: Path) -> torch.
     if report["mode"] != "federated":
         pos = {int(i): k for k, i in enumerate(ds.private.ids.tolist())}
         return torch.tensor([pos[int(i)] for i in ids.tolist()])
+    parts, rank_to_pid = pooled_shares(report, ds, run)
+    return torch.tensor([int(parts[rank_to_pid[int(i) // 10**7]][int(i) % 10**7]) for i in ids.tolist()])
+
+
+def pooled_shares(report: dict, ds, run: Path) -> tuple[list, list[int]]:
+    """A federated run's partition of the private split, and the share each pooled node held, by rank."""
     fed = report["config"]["federation"]
     parts = partition(ds.private.labels.numpy(), len(report["federation"]["nodes"]), iid=fed["iid"],
                       alpha=fed["alpha"], seed=fed["partition_seed"])
@@ -49,8 +55,15 @@ def resolve_real_index(report: dict, ds, ids: torch.Tensor, run: Path) -> torch.
     if any("partition_id" not in p for p in provenance):
         raise ValueError(f"{run}: the pool does not say which share each node held (devices do not release it), so "
                          "the audit cannot tell members from non-members; audit a single-machine run (demo --local)")
-    rank_to_pid = [p["partition_id"] for p in provenance]
-    return torch.tensor([int(parts[rank_to_pid[int(i) // 10**7]][int(i) % 10**7]) for i in ids.tolist()])
+    return parts, [p["partition_id"] for p in provenance]
+
+
+def pooled_positions(report: dict, ds, run: Path) -> torch.Tensor:
+    """Positions in the private split of every image the server pooled (the teacher trained on them all)."""
+    if report["mode"] != "federated":
+        return torch.arange(len(ds.private))
+    parts, rank_to_pid = pooled_shares(report, ds, run)
+    return torch.from_numpy(np.concatenate([np.asarray(parts[pid]) for pid in rank_to_pid])).long()
 
 
 def run_checkpoint(report: dict, kind: str) -> Path:
@@ -81,6 +94,10 @@ class AuditContext:
         self.autoencoder = run_checkpoint(self.report, "autoencoder")
         self.e1 = FirstEncoder.from_pretrained(self.autoencoder / "first_encoder", low_cpu_mem_usage=False).to(device).eval()
         self.decoder_config = dict(Decoder.load_config(self.autoencoder / "decoder"))
+        privacy = self.report.get("privacy") or {}
+        self.noised = privacy.get("mechanism", "none") != "none"
+        self.claimed_epsilon = privacy.get("epsilon") if self.noised else None
+        self.delta = privacy.get("delta") if self.noised else default_delta(len(self.ds.private))
         used = resolve_real_index(self.report, self.ds, self.synthetic.conditioning.flatten().unique(), self.run)
         unused = torch.from_numpy(np.setdiff1d(np.arange(len(self.ds.private)), used.numpy()))
         self.members, self.nonmembers = used, unused
@@ -93,16 +110,83 @@ class AuditContext:
 
 
 def membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
+    """Conditioning membership: does a student trained on the set (soft labels alone) reveal which private
+    images conditioned it?"""
     idx, is_member = ctx.candidates(candidates)
     x, y = ctx.ds.private.images[idx], ctx.ds.private.labels[idx]
     target = train_student(ctx.synthetic.images, ctx.synthetic.labels, ctx.student_cfg, ctx.device, desc="target")
     target_scores = attacks.example_scores(target, x.to(ctx.device), y.to(ctx.device))
     out = {"members": int(is_member.sum()), "nonmembers": int((1 - is_member).sum()),
-           "loss_threshold": attacks.loss_threshold_attack(target_scores, is_member)}
+           "loss_threshold": attacks.attack_figures(target_scores, is_member, ctx.delta)}
     if shadows > 0:
-        out["lira_offline"] = attacks.lira_offline(target_scores, shadow_scores(ctx, idx, x, y, shadows), is_member)
+        out["lira_offline"] = _lira(target_scores, shadow_scores(ctx, idx, x, y, shadows), is_member, ctx.delta)
         out["shadows"] = shadows
     return out
+
+
+def _lira(target_scores: np.ndarray, shadow_out: np.ndarray, is_member: np.ndarray, delta: float) -> dict:
+    """LiRA offline's ROC figures, with the bootstrap intervals and epsilon bound of its statistic."""
+    lira = attacks.lira_offline(target_scores, shadow_out, is_member)
+    statistic = lira.pop("scores")
+    return {**lira, "ci": attacks.bootstrap_intervals(statistic, is_member),
+            "empirical_epsilon": attacks.empirical_epsilon(statistic, is_member, delta)}
+
+
+def shipped_membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
+    """Training membership of what is shipped: the run's teacher (trained on every pooled latent) and the
+    student the run ships (its loss, distilled from that teacher). Members: pooled private images;
+    non-members: test images, which nothing trained on. LiRA's OUT shadows retrain the teacher without the
+    candidate members, and distil a student from each."""
+    models = load_run_models(ctx)
+    if "teacher" not in models:
+        return {"skipped": "the run trained no teacher (its student loss and sampling use none)"}
+    teacher = models["teacher"]
+    pooled = pooled_positions(ctx.report, ctx.ds, ctx.run)
+    g = torch.Generator().manual_seed(1)
+    n = min(candidates, len(pooled), len(ctx.ds.test))
+    member_idx = pooled[torch.randperm(len(pooled), generator=g)[:n]]
+    other_idx = torch.randperm(len(ctx.ds.test), generator=g)[:n]
+    x = torch.cat([ctx.ds.private.images[member_idx], ctx.ds.test.images[other_idx]]).to(ctx.device)
+    y = torch.cat([ctx.ds.private.labels[member_idx], ctx.ds.test.labels[other_idx]]).to(ctx.device)
+    is_member = np.r_[np.ones(n), np.zeros(n)]
+    student = shipped_student(ctx, teacher, ctx.student_cfg.seed)
+    targets = {"teacher": teacher, "student": student}
+    out = {"members": n, "nonmembers": n, "student_loss": ctx.student_cfg.loss}
+    scores = {name: attacks.example_scores(model, x, y) for name, model in targets.items()}
+    for name in targets:
+        out[name] = {"loss_threshold": attacks.attack_figures(scores[name], is_member, ctx.delta)}
+    if shadows > 0 and ctx.noised:
+        out["lira_skipped"] = ("the run's teacher trained on the devices' noised, filtered release; OUT shadows would "
+                               "have to be trained on such a release too, which the audit does not rebuild")
+    elif shadows > 0:
+        outs = shadow_teachers_and_students(ctx, models, member_idx, x, y, shadows)
+        for name in targets:
+            out[name]["lira_offline"] = _lira(scores[name], outs[name], is_member, ctx.delta)
+        out["shadows"] = shadows
+    return out
+
+
+def shipped_student(ctx: AuditContext, teacher, seed: int):
+    cfg = replace(ctx.student_cfg, seed=seed)
+    uses_teacher = cfg.loss != "soft_ce"
+    return train_student(ctx.synthetic.images, ctx.synthetic.labels, cfg, ctx.device, loss=cfg.loss,
+                         teacher=teacher if uses_teacher else None, desc=f"shipped student s{seed}")
+
+
+def shadow_teachers_and_students(ctx: AuditContext, models: dict, member_idx, x, y, shadows: int) -> dict:
+    """Per shadow: a teacher trained as the run's was, on the pool without the candidate members, and a
+    student distilled from it on the released set; each model's scores on every candidate."""
+    from client.encode import encode_images
+    keep = torch.from_numpy(np.setdiff1d(pooled_positions(ctx.report, ctx.ds, ctx.run).numpy(), member_idx.numpy()))
+    latents = encode_images(ctx.e1, ctx.ds.private.images[keep], device=ctx.device)
+    labels = ctx.ds.private.labels[keep]
+    out = {"teacher": [], "student": []}
+    for s in range(shadows):
+        teacher, _ = train_teacher(ctx.e1, models["second_encoder"], latents, labels, ctx.ds.num_classes, ctx.device,
+                                   steps=ctx.student_cfg.teacher_steps, seed=1000 + s)
+        out["teacher"].append(attacks.example_scores(teacher, x, y))
+        out["student"].append(attacks.example_scores(shipped_student(ctx, teacher, 1000 + s), x, y))
+    return {k: np.stack(v) for k, v in out.items()}
 
 
 def load_run_models(ctx: AuditContext) -> dict:
@@ -194,11 +278,55 @@ def run_audit(run: Path, device: torch.device, shadows: int = 4, candidates: int
     figures = Path(run) / "audit"
     figures.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run), "mode": ctx.report["mode"], "privacy": ctx.report.get("privacy"),
+              "claimed_epsilon": ctx.claimed_epsilon, "delta": ctx.delta,
               "membership": membership(ctx, shadows, candidates),
+              "shipped": shipped_membership(ctx, shadows, candidates),
               "inversion": inversion(ctx, inverter_steps, 200, figures),
               "memorisation": memorisation(ctx, figures),
               "privacy_utility": utility_curve(Path(run), list(compare))}
+    result["verdict"] = verdict(result)
     result["seconds"] = time.time() - start
     from server.audit.report import write_report
     write_report(result, figures)
     return result
+
+
+def attack_rows(result: dict) -> list[dict]:
+    """Every attack the audit ran: target, attack, AUC with its interval, TPR at 0.1 % FPR, epsilon bound."""
+    targets = [("student (soft labels) on conditioning members", result["membership"])]
+    shipped = result.get("shipped", {})
+    targets += [(f"shipped {name} on training members", shipped[name]) for name in ("teacher", "student") if name in shipped]
+    rows = []
+    for target, attacks_run in targets:
+        for attack in ("loss_threshold", "lira_offline"):
+            if attack in attacks_run:
+                r = attacks_run[attack]
+                rows.append({"target": target, "attack": attack, "auc": r["auc"], "auc_ci": r["ci"]["auc"],
+                             "tpr_at_0.1pct_fpr": r["tpr_at_0.1pct_fpr"], "tpr_at_1pct_fpr": r["tpr_at_1pct_fpr"],
+                             "epsilon_lower_bound": r["empirical_epsilon"]["epsilon_lower_bound"]})
+    return rows
+
+
+def verdict(result: dict) -> dict:
+    """One paragraph an auditor can sign or refuse: the claim, the strongest attack, and whether it refutes."""
+    rows = attack_rows(result)
+    strongest = max(rows, key=lambda r: r["epsilon_lower_bound"])
+    best_auc = max(rows, key=lambda r: r["auc"])
+    attack = (f"The strongest attack ({strongest['attack']} against the {strongest['target']}) proves epsilon >= "
+              f"{strongest['epsilon_lower_bound']:.2f} at 95 % confidence (delta {result['delta']:.2g}); the highest AUC is "
+              f"{best_auc['auc']:.3f} [{best_auc['auc_ci'][0]:.3f}, {best_auc['auc_ci'][1]:.3f}] ({best_auc['attack']}, "
+              f"{best_auc['target']}).")
+    claimed = result.get("claimed_epsilon")
+    if claimed is None:
+        text = ("No differential-privacy claim is made for this run (epsilon = inf): nothing here can be signed as a "
+                f"privacy guarantee. {attack} These figures measure what the released set, teacher and student leak.")
+        status = "no claim"
+    else:
+        refuted = strongest["epsilon_lower_bound"] > claimed
+        text = (f"Claimed: epsilon = {claimed:.3g}, delta = {result['delta']:.2g} per image, for every field a device "
+                f"releases; the teacher, the set and the student are post-processing of that release. {attack} "
+                + ("This exceeds the claim: the claim is REFUTED and must not be signed."
+                   if refuted else "This is within the claim: the attacks do not refute it (an audit can refute a claim, "
+                                   "never prove one)."))
+        status = "refuted" if refuted else "not refuted"
+    return {"status": status, "text": text, "strongest": strongest, "attacks": rows}

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from server.distill.registry import LOSSES, LossInputs
+from server.distill.registry import FEATURE_ONLY_CAVEAT, LOSSES, LossInputs
 from shared.registry import Registry
 
 MATCH_RULES: Registry = Registry("channel matching rule")
@@ -103,6 +103,7 @@ def _channel_loss(rule: str):
     def make(num_classes, **ctx):
         return ChannelMatching(num_classes, rule)
     make.__doc__ = f"Channel matching at the distillation point (docs/spec.md §5), rule '{rule}': {RULE_DOCS[rule]}."
+    make.caveat = FEATURE_ONLY_CAVEAT
     return make
 
 

@@ -6,12 +6,17 @@ trained with the student. `--loss soft_ce:1,kd:0.5` composes terms by weight.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from server.distill import channel_matching, ddkd  # noqa: F401  (their entries register on import)
-from server.distill.registry import LOSSES, LossInputs
+from server.distill.registry import FEATURE_ONLY_CAVEAT, LOGIT_TERMS, LOSSES, LossInputs
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 def kl_div(teacher_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
     """Batch-mean KL(teacher || student)."""
@@ -65,6 +70,10 @@ class DKD(nn.Module):
     As the paper and mdistiller train it: alpha 1, beta 8, temperature 4, and the loss weight ramped up
     linearly over the first `warmup` of training (20 of 240 epochs)."""
 
+    caveat = ("on the condensed set it trains the width-128 ConvNet-3 below soft labels alone: the beta-8 non-target "
+              "term (DKD's CIFAR-100 setting) outweighs the labels (docs/distill/synthetic.md); there, use kd")
+    caveat_applies = "always"
+
     def __init__(self, num_classes: int, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
                  warmup: float = 20 / 240, **_):
         super().__init__()
@@ -92,6 +101,7 @@ class MutualInformationPrior(nn.Module):
     """
 
     teacher_view = 0.5
+    caveat = FEATURE_ONLY_CAVEAT
 
     def __init__(self, num_classes: int, groups: int = 1, temperature: float = 1.0, **_):
         super().__init__()
@@ -147,6 +157,8 @@ class AttentionTransfer(nn.Module):
     weight it. With beta 1 the term is ~1e-3 of the cross-entropy and changes nothing (measured: the
     student was within 0.01 points of the soft-label one)."""
 
+    caveat = FEATURE_ONLY_CAVEAT
+
     def __init__(self, num_classes: int, beta: float = 1000.0, **_):
         super().__init__()
         self.beta = beta
@@ -186,7 +198,20 @@ class MixedKD(nn.Module):
 def build_losses(spec: str, num_classes: int, **context) -> list[tuple[nn.Module, float]]:
     """'soft_ce' or 'soft_ce:1,kd:0.5' -> [(loss module, weight)]; `context` (feature channel counts)
     goes to every factory."""
+    for warning in spec_caveats(spec):
+        if warning not in _warned:
+            _warned.add(warning)
+            log.warning("loss '%s': %s", spec, warning)
     return [(LOSSES[name](num_classes, **context), w) for name, w in parse_loss_spec(spec)]
+
+
+def spec_caveats(spec: str) -> list[str]:
+    """The caveats that hold for `spec`: each feature-only term used without a logit-distillation term, and
+    every term whose caveat applies always."""
+    names = [name for name, _ in parse_loss_spec(spec)]
+    has_logit_term = any(name in LOGIT_TERMS for name in names)
+    return [f"{name}: {LOSSES[name].caveat.format(name=name)}" for name in names if getattr(LOSSES[name], "caveat", None)
+            and (getattr(LOSSES[name], "caveat_applies", "alone") == "always" or not has_logit_term)]
 
 
 def teacher_view_strength(spec: str, override: float | None = None) -> float:

@@ -10,6 +10,13 @@ from shared.registry import Registry
 
 LOSSES: Registry = Registry("loss")
 
+# what a term lacks on its own, printed by `fedcondense losses` and logged when a spec uses the term
+# without a logit-distillation term (LOGIT_TERMS) beside it; the figures: docs/distill/
+FEATURE_ONLY_CAVEAT = ("with the task loss alone it trains below vanilla KD, on real data and on the condensed set "
+                       "(docs/distill/native.md, docs/distill/synthetic.md: the same term added to KD, "
+                       "soft_ce:0.1,kd:0.9,{name}:1, is measured there too)")
+LOGIT_TERMS = ("kd", "dkd", "mixed")
+
 
 @dataclass
 class LossInputs:

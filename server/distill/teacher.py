@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from server.condense.committed import install
-from shared.cache import building, cache_dir, fingerprint
+from shared.cache import building, cache_dir, config_hash, fingerprint, state_fingerprint
+from shared.checkpoint import LoopCheckpoint
 from shared.models.first_encoder import FirstEncoder
 from shared.models.second_encoder import SecondEncoder
 from shared.device import autocast, cpu_bf16_key
@@ -41,8 +42,10 @@ class Teacher(nn.Module):
 
 def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
                   device: torch.device, steps: int = 800, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
-                  noise: float = 0.1) -> tuple[Teacher, dict]:
-    """AdamW on (latent + small Gaussian jitter, label); returns the teacher and its training time."""
+                  noise: float = 0.1, checkpoint: Path | None = None) -> tuple[Teacher, dict]:
+    """AdamW on (latent + small Gaussian jitter, label); returns the teacher and its training time.
+    `checkpoint`: where the whole training state is kept (shared/checkpoint.py), so that a killed run
+    continues from it and trains the same teacher, bit for bit."""
     start = time.time()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -53,8 +56,11 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
         raise ValueError(f"teacher steps must be >= 4 (one-cycle schedule), got {steps}")
     warmup = max(0.1, 2.0 / steps)                       # one-cycle needs >= 1 step up and down
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=warmup)
+    state = LoopCheckpoint(checkpoint, config_hash([fingerprint(latents), fingerprint(labels.float()), steps, batch_size,
+                                                     lr, seed, noise, state_fingerprint(teacher), str(device)]))
+    first = state.restore(teacher, opt, sched, [gen])
     teacher.train()
-    for _ in progress(range(steps), desc="teacher", unit="step"):
+    for step in progress(range(first, steps), desc="teacher", unit="step", initial=first, total=steps):
         idx = torch.randint(0, len(latents), (batch_size,), generator=gen)
         z = latents[idx].to(device)
         z = z + noise * torch.randn(z.shape, generator=gen).to(device)
@@ -65,8 +71,10 @@ def train_teacher(first_encoder, second_encoder, latents: torch.Tensor, labels: 
         loss.backward()
         opt.step()
         sched.step()
+        state.tick(step + 1, teacher, opt, sched, [gen])
+    state.finish()
     teacher.eval()
-    return teacher, {"seconds": time.time() - start, "steps": steps}
+    return teacher, {"seconds": time.time() - start, "steps": steps, "resumed_at_step": first}
 
 
 def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -84,9 +92,9 @@ def load_or_train_teacher(models: dict, latents: torch.Tensor, labels: torch.Ten
         if (path / "teacher.pt").exists():
             teacher = load_teacher(path, models["first_encoder"], models["second_encoder"], num_classes, device)
             return teacher, {"seconds": 0.0, "steps": steps, "cached": str(path), "path": str(path)}
-        teacher, info = train_teacher(models["first_encoder"], models["second_encoder"], latents, labels, num_classes,
-                                      device, steps=steps)
         path.mkdir(parents=True, exist_ok=True)
+        teacher, info = train_teacher(models["first_encoder"], models["second_encoder"], latents, labels, num_classes,
+                                      device, steps=steps, checkpoint=path / "training.pt")
         torch.save(teacher.state_dict(), path / "teacher.pt.tmp")
         (path / "teacher.pt.tmp").rename(path / "teacher.pt")
     return teacher, {**info, "path": str(path)}
