@@ -24,11 +24,13 @@ import torch
 from benchmarks.standard import machine_name, random_per_class
 from client.encode import encode_images
 from client.privacy import release_records
-from server.condense.chain import refined, run_chains
+from server.condense.chain import refined, refined_to_private_means, run_chains
+from server.condense.private_target import (CENTRAL_NEIGHBOURING, EmbeddingBank, class_sums, clip_norm_from_public,
+                                            release_class_means)
 from server.condense.pretrain import load_or_train_autoencoder, load_or_train_chain
 from server.distill.evaluate import LabelledSet, evaluate_sets
 from server.pipeline import committed_match, released_pool, server_teacher
-from shared.accounting import calibrate
+from shared.accounting import ImageRelease, calibrate, noise_for_epsilon
 from shared.config import DemoConfig
 from shared.data import ImageSplit, load_dataset
 from shared.device import device_name, resolve_device
@@ -56,6 +58,7 @@ class PrivacyCurveConfig:
     chunk_size: int = 2048
     demo: DemoConfig = field(default_factory=lambda: apply_recipe(DemoConfig(), "demo"))   # models and condensation
     budget_s: float = math.inf
+    threat_model: str = "local"          # 'local': curious server, DP on the device | 'central': trusted server
 
 
 def device_releases(ds, latents: torch.Tensor, release, cfg: PrivacyCurveConfig) -> ImageSplit:
@@ -101,46 +104,87 @@ def released_subsets(name: str, released: ImageSplit, decoder, num_classes: int,
     return sets
 
 
-def run_privacy_curve(cfg: PrivacyCurveConfig, out_dir: Path) -> Path:
-    demo = cfg.demo
-    dev = resolve_device(demo.device)
-    ds = load_dataset(demo.data)
-    e1, dec, _ = load_or_train_autoencoder(ds.public.images, demo.autoencoder, dev)
-    clean = encode_images(e1, ds.private.images, device=dev)
-    clip = float(encode_images(e1, ds.public.images[:2000], device=dev).flatten(1).norm(dim=1).median())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"fmnist-privacy-curve-local-dp-{machine_name(dev)}.json"
-    doc = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "protocol": "standard", "threat_model": "curious server "
-           "(local DP on the device)", "recipe": demo.recipe, "device": device_name(dev), "machine": machine_name(dev),
-           "config": json.loads(json.dumps(asdict(cfg), default=str)), "clip_norm": clip, "published": PUBLISHED,
-           "points": [], "results": [], "skipped": []}
-    start = time.time()
-    ecfg = replace(demo.evaluation, evaluators=cfg.evaluators, epochs=cfg.epochs)
+class CurveRun:
+    """What both curves share: data, E1 / D, the clean private latents, the result file and the scorer."""
 
-    def score(sets: list[LabelledSet], point: dict) -> None:
-        result = evaluate_sets(sets, ds.test, ecfg, dev)
+    def __init__(self, cfg: PrivacyCurveConfig, out_dir: Path, kind: str, threat_model: str):
+        demo = cfg.demo
+        self.cfg, self.demo = cfg, demo
+        self.dev = dev = resolve_device(demo.device)
+        self.ds = ds = load_dataset(demo.data)
+        self.e1, self.dec, _ = load_or_train_autoencoder(ds.public.images, demo.autoencoder, dev)
+        self.clean = encode_images(self.e1, ds.private.images, device=dev)
+        self.public = ImageSplit(encode_images(self.e1, ds.public.images, device=dev), ds.public.labels, ds.public.ids)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / f"fmnist-privacy-curve-{kind}-{machine_name(dev)}.json"
+        self.doc = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "protocol": "standard", "threat_model": threat_model,
+                    "recipe": demo.recipe, "device": device_name(dev), "machine": machine_name(dev),
+                    "config": json.loads(json.dumps(asdict(cfg), default=str)), "published": PUBLISHED,
+                    "points": [], "results": [], "skipped": []}
+        self.start = time.time()
+        self.ecfg = replace(demo.evaluation, evaluators=cfg.evaluators, epochs=cfg.epochs)
+
+    def score(self, sets: list[LabelledSet], point: dict) -> None:
+        result = evaluate_sets(sets, self.ds.test, self.ecfg, self.dev)
         for name, r in result["sets"].items():
             arm, seed = name.split("|")
-            doc["results"].append({**point, "arm": arm, "seed": int(seed[1:]), **r})
-        doc["elapsed_s"] = time.time() - start
-        path.write_text(json.dumps(doc, indent=1))
+            self.doc["results"].append({**point, "arm": arm, "seed": int(seed[1:]), **r})
+        self.save()
 
+    def save(self, complete: bool = False) -> Path:
+        self.doc["elapsed_s"] = time.time() - self.start
+        if complete:
+            self.doc["complete"] = not self.doc["skipped"]
+        self.path.write_text(json.dumps(self.doc, indent=1))
+        return self.path
+
+    def over_budget(self, what: str) -> bool:
+        if time.time() - self.start > self.cfg.budget_s:
+            self.doc["skipped"].append(f"{what}: budget spent")
+            return True
+        return False
+
+    def random_real(self) -> list[LabelledSet]:
+        ds = self.ds
+        return [LabelledSet(f"random_real|s{s}", ds.private.images[idx], torch.nn.functional.one_hot(
+            ds.private.labels[idx], ds.num_classes).float()) for s in self.cfg.seeds
+            for idx in [random_per_class(ds.private.labels, self.cfg.ipc, s)]]
+
+    def public_only(self) -> tuple[dict, list]:
+        """The chain and teacher trained on the public split, its unrefined chain sets, and the public-only arm
+        (those sets refined against the public split): what a release must beat for the devices to matter."""
+        demo, cfg, dev = self.demo, self.cfg, self.dev
+        models, teacher = chain_models_for(self.e1, self.dec, self.public, self.ds, demo, dev)
+        start = time.time()
+        chains = [run_chains(self.public.images, self.public.labels, self.public.ids, self.ds.num_classes, models,
+                             demo.chain, replace(demo.condense, ipc=cfg.ipc, seed=s), dev) for s in cfg.seeds]
+        sets = refined(chains, self.public.images, self.public.labels, self.ds.num_classes, models["decoder"],
+                       replace(demo.condense, ipc=cfg.ipc, seed=cfg.seeds[0]), dev)
+        self.doc["points"].append({"epsilon": 0, "group_size": 0, "seconds": time.time() - start,
+                                   "released": len(self.public), "teacher": teacher})
+        self.score([LabelledSet(f"public_only|s{s}", syn.images, syn.labels) for s, syn in zip(cfg.seeds, sets)],
+                   {"epsilon": 0, "group_size": 0})
+        return models, chains
+
+
+def run_privacy_curve(cfg: PrivacyCurveConfig, out_dir: Path) -> Path:
+    if cfg.threat_model == "central":
+        return run_central_curve(cfg, out_dir)
+    if cfg.threat_model != "local":
+        raise ValueError(f"unknown threat model '{cfg.threat_model}'; use 'local' (curious server) or 'central'")
+    run = CurveRun(cfg, out_dir, "local-dp", "curious server (local DP on the device)")
+    demo, ds, dev, e1, dec, clean = run.demo, run.ds, run.dev, run.e1, run.dec, run.clean
+    clip = float(run.public.images[:2000].flatten(1).norm(dim=1).median())
+    run.doc["clip_norm"] = clip
     clean_pool = ImageSplit(clean, ds.private.labels, ds.private.ids)
     models, _ = chain_models_for(e1, dec, clean_pool, ds, demo, dev, committed=committed_match(e1, clean_pool, ds, False))
     sets, info = condensed_sets("ours", clean_pool, models, ds.num_classes, demo, cfg, dev)
-    real = [LabelledSet(f"random_real|s{s}", ds.private.images[idx], torch.nn.functional.one_hot(
-        ds.private.labels[idx], ds.num_classes).float()) for s in cfg.seeds for idx in [random_per_class(ds.private.labels, cfg.ipc, s)]]
-    doc["points"].append({"epsilon": "inf", "group_size": 1, **info})
-    score(sets + real, {"epsilon": "inf", "group_size": 1})
-    public = ImageSplit(encode_images(e1, ds.public.images, device=dev), ds.public.labels, ds.public.ids)
-    models, teacher = chain_models_for(e1, dec, public, ds, demo, dev)
-    sets, info = condensed_sets("public_only", public, models, ds.num_classes, demo, cfg, dev)
-    doc["points"].append({"epsilon": 0, "group_size": 0, **info, "teacher": teacher})
-    score(sets, {"epsilon": 0, "group_size": 0})
+    run.doc["points"].append({"epsilon": "inf", "group_size": 1, **info})
+    run.score(sets + run.random_real(), {"epsilon": "inf", "group_size": 1})
+    run.public_only()
     for eps in cfg.epsilons:
         for k in cfg.group_sizes:
-            if time.time() - start > cfg.budget_s:
-                doc["skipped"].append(f"epsilon {eps}, k {k}: budget spent")
+            if run.over_budget(f"epsilon {eps}, k {k}"):
                 continue
             release = calibrate(eps, cfg.delta, label_mechanism=cfg.label_mechanism, clip_norm=clip, group_size=k)
             raw = device_releases(ds, clean, release, cfg)
@@ -148,12 +192,42 @@ def run_privacy_curve(cfg: PrivacyCurveConfig, out_dir: Path) -> Path:
             models, teacher = chain_models_for(e1, dec, pool, ds, demo, dev, chain_source=chain_source)
             sets, info = condensed_sets("ours", pool, models, ds.num_classes, demo, cfg, dev)
             point = {"epsilon": eps, "group_size": k}
-            doc["points"].append({**point, **info, **notes, "epsilon_pld": release.epsilon("pld"),
-                                  "noise_multiplier": release.noise_multiplier, "teacher": teacher})
-            score(sets + released_subsets("released_real", raw, dec, ds.num_classes, cfg, dev), point)
-    doc["complete"] = not doc["skipped"]
-    path.write_text(json.dumps(doc, indent=1))
-    return path
+            run.doc["points"].append({**point, **info, **notes, "epsilon_pld": release.epsilon("pld"),
+                                      "noise_multiplier": release.noise_multiplier, "teacher": teacher})
+            run.score(sets + released_subsets("released_real", raw, dec, ds.num_classes, cfg, dev), point)
+    return run.save(complete=True)
+
+
+def run_central_curve(cfg: PrivacyCurveConfig, out_dir: Path) -> Path:
+    """Trusted server, untrusted consumers (server/condense/private_target.py): per epsilon, the public chain's
+    sets fitted to one Gaussian release of the private class-mean embeddings; beside them the same fit to the
+    un-noised statistic (epsilon inf, no guarantee), the public split alone, and a random real subset."""
+    run = CurveRun(cfg, out_dir, "central-dp", "trusted server, untrusted consumers (central DP on the server)")
+    demo, ds, dev = run.demo, run.ds, run.dev
+    run.score(run.random_real(), {"epsilon": "inf", "group_size": 0})
+    models, chains = run.public_only()
+    central = demo.central                                   # the release's networks and the fit's iterations
+    bank = EmbeddingBank(central.nets, central.width, demo.data.seed)
+    nets = bank.build(ds.public.images.shape[1], ds.public.images.shape[-1], dev)
+    clip = clip_norm_from_public(nets, decoded(run.dec, run.public.images, dev), dev)
+    stat = class_sums(run.dec, run.clean, ds.private.labels, ds.num_classes, nets, clip, dev)
+    run.doc.update(clip_norm=clip, neighbouring=CENTRAL_NEIGHBOURING, class_sums_seconds=stat.seconds)
+    ccfg = replace(demo.condense, ipc=cfg.ipc, seed=cfg.seeds[0])
+    for eps in ("inf", *cfg.epsilons):
+        if run.over_budget(f"epsilon {eps}"):
+            continue
+        sigma = 0.0 if eps == "inf" else noise_for_epsilon(eps, cfg.delta)
+        start = time.time()
+        target = release_class_means(stat, sigma)
+        sets = refined_to_private_means(chains, run.dec, target, nets, ccfg, dev, central.iterations)
+        point = {"epsilon": eps, "group_size": 0}
+        run.doc["points"].append({**point, "noise_multiplier": sigma, "noise_std": target.noise_std,
+                                  "seconds": time.time() - start, "released": target.meta,
+                                  "noised_counts": target.counts.tolist(),
+                                  "epsilon_pld": None if eps == "inf" else
+                                  ImageRelease(clip, sigma, cfg.delta, "public").epsilon("pld")})
+        run.score([LabelledSet(f"central|s{s}", syn.images, syn.labels) for s, syn in zip(cfg.seeds, sets)], point)
+    return run.save(complete=True)
 
 
 def chain_models_for(e1, dec, pool: ImageSplit, ds, demo: DemoConfig, dev, committed=None, chain_source=None
@@ -182,7 +256,8 @@ def summary(doc: dict) -> list[dict]:
 
 
 ARM_NAMES = {"ours": "ours (chain + guidance + refinement)", "released_real": "released records, random subset",
-             "random_real": "random real subset (no DP)", "public_only": "public split alone (no device data)"}
+             "random_real": "random real subset (no DP)", "public_only": "public split alone (no device data)",
+             "central": "ours, fitted to the central-DP release"}
 
 
 def markdown(doc: dict) -> str:
@@ -190,17 +265,20 @@ def markdown(doc: dict) -> str:
     rows = summary(doc)
     fixed = ("inf", "0")
     cols = sorted({(r["group_size"], r["arm"]) for r in rows if r["epsilon"] not in fixed})
+    labels = ("inside the guarantee" if doc["threat_model"].startswith("trusted")
+              else doc["config"]["label_mechanism"])
     lines = [f"Standard protocol, IPC {doc['config']['ipc']}, {doc['config']['epochs']} epochs, labels "
-             f"{doc['config']['label_mechanism']}, delta {doc['config']['delta']}; mean ± std over seeds x "
+             f"{labels}, delta {doc['config']['delta']}; mean ± std over seeds x "
              f"evaluators ({doc['machine']}).", "",
-             "| epsilon | " + " | ".join(f"k={k}: {ARM_NAMES.get(a, a)} %" for k, a in cols) + " |",
+             "| epsilon | " + " | ".join(f"{f'k={k}: ' if k else ''}{ARM_NAMES.get(a, a)} %" for k, a in cols) + " |",
              "|---|" + "---|" * len(cols)]
-    for eps in [str(e) for e in doc["config"]["epsilons"]]:
+    for eps in [str(e) for e in sorted(doc["config"]["epsilons"])]:
         cell = {(r["group_size"], r["arm"]): f"{r['mean']:.2f} ± {r['std']:.2f}" for r in rows if r["epsilon"] == eps}
         if cell:
             lines.append(f"| {eps} | " + " | ".join(cell.get(c, "-") for c in cols) + " |")
-    ref = {r["arm"]: f"{r['mean']:.2f} ± {r['std']:.2f}" for r in rows if r["epsilon"] in fixed}
-    lines += ["", "References: " + ", ".join(f"{ARM_NAMES.get(a, a)} {v}" for a, v in ref.items())]
+    ref = {ARM_NAMES.get(r["arm"], r["arm"]) + (" (epsilon inf)" if r["epsilon"] == "inf" else ""):
+           f"{r['mean']:.2f} ± {r['std']:.2f}" for r in rows if r["epsilon"] in fixed}
+    lines += ["", "References: " + ", ".join(f"{a} {v}" for a, v in ref.items())]
     return "\n".join(lines)
 
 
@@ -215,17 +293,21 @@ def plot(doc: dict, path: Path) -> None:
         pts = sorted((float(r["epsilon"]), r["mean"], r["std"]) for r in rows
                      if r["epsilon"] not in fixed and r["group_size"] == k and r["arm"] == arm)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=f"{ARM_NAMES.get(arm, arm)}, k={k}")
-    styles = {"random_real": ("grey", "--"), "ours": ("black", "--"), "public_only": ("tab:red", ":")}
+                    label=ARM_NAMES.get(arm, arm) + (f", k={k}" if k else ""))
+    styles = {"random_real": ("grey", "--"), "ours": ("black", "--"), "public_only": ("tab:red", ":"),
+              "central": ("black", "--")}
     for r in rows:
         if r["epsilon"] in fixed:
             color, ls = styles.get(r["arm"], ("black", "-."))
-            ax.axhline(r["mean"], ls=ls, lw=1, color=color, label=ARM_NAMES.get(r["arm"], r["arm"]) +
-                       (", no DP" if r["epsilon"] == "inf" else ""))
+            name = ARM_NAMES.get(r["arm"], r["arm"])
+            ax.axhline(r["mean"], ls=ls, lw=1, color=color,
+                       label=name + (", no DP" if r["epsilon"] == "inf" and "no DP" not in name else ""))
     ax.set_xscale("log")
-    ax.set_xlabel("per-record epsilon (delta 1e-5), local DP on the device")
+    where = "central DP on the server" if doc["threat_model"].startswith("trusted") else "local DP on the device"
+    ax.set_xlabel(f"per-record epsilon (delta {doc['config']['delta']}), {where}")
     ax.set_ylabel("test accuracy % (ConvNet-3 on the set alone)")
-    ax.set_title(f"Fashion-MNIST, IPC {doc['config']['ipc']}, labels {doc['config']['label_mechanism']}")
+    ax.set_title(f"Fashion-MNIST, IPC {doc['config']['ipc']}, " + ("labels inside the guarantee" if where.startswith("central")
+                 else f"labels {doc['config']['label_mechanism']}"))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

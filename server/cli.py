@@ -206,12 +206,16 @@ def cmd_bench_privacy(args) -> int:
     from benchmarks.privacy_curve import PrivacyCurveConfig, markdown, plot, run_privacy_curve
     preset = {k: tuple(v) for k, v in (("epsilons", args.epsilons), ("group_sizes", args.group_sizes),
                                         ("seeds", args.seeds)) if v}
-    preset.update({k: getattr(args, k) for k in ("evaluators", "budget_s") if getattr(args, k, None) is not None})
+    preset.update({k: getattr(args, k) for k in ("evaluators", "budget_s", "threat_model")
+                   if getattr(args, k, None) is not None})
     if args.ipc:
         preset["ipc"] = args.ipc[0]
     if args.epochs:
         preset["epochs"] = args.epochs[0]
-    cfg = PrivacyCurveConfig(demo=demo_config(args), **preset,
+    demo = demo_config(args)
+    from shared.config import override
+    demo = replace(demo, central=override(demo.central, iterations=args.central_iterations))
+    cfg = PrivacyCurveConfig(demo=demo, **preset,
                              **({"label_mechanism": args.label_mechanism} if getattr(args, "label_mechanism", None) else {}))
     path = run_privacy_curve(cfg, Path(args.out))
     doc = json.loads(path.read_text())
@@ -449,12 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", default=None, help="--federation: rewrite the table between the federation-bench "
                                                "markers of this page (docs/scale.md)")
     p.add_argument("--privacy-curve", action="store_true",
-                   help="the released set's accuracy (standard protocol) against the devices' epsilon, local DP "
+                   help="the released set's accuracy (standard protocol) against epsilon, local or central DP "
                         "(benchmarks/privacy_curve.py)")
     p.add_argument("--epsilons", type=float, nargs="+", default=None,
                    help="--privacy-curve: per-record epsilons (default 0.5 1 3 8 10; delta 1e-5)")
     p.add_argument("--group-sizes", type=int, nargs="+", default=None,
                    help="--privacy-curve: device group sizes k (default 1 16)")
+    p.add_argument("--threat-model", choices=["local", "central"], default=None,
+                   help="--privacy-curve: 'local' (default; curious server, DP on the device) or 'central' (trusted "
+                        "server, untrusted consumers: one Gaussian release of the pool's class-mean embeddings, "
+                        "server/condense/private_target.py)")
+    p.add_argument("--central-iterations", type=int, default=None,
+                   help="--privacy-curve --threat-model central: Adam iterations fitting the set to the release "
+                        "(default 150)")
     p.add_argument("--distill-native", action="store_true",
                    help="every distillation loss in its native setting (benchmarks/distill_native.py): a teacher on "
                         "all training images, small students on a real subset, paired seeds against vanilla KD")

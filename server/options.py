@@ -87,6 +87,11 @@ def add_federation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--denoise", choices=["wiener", "none"], default=None,
                    help="with --target-epsilon: the server replaces each noised latent by its posterior mean under a "
                         "per-class prior from the public split (default wiener; post-processing, no privacy cost)")
+    p.add_argument("--central-epsilon", type=float, default=None,
+                   help="central DP on a trusted server (with or without --local): the shipped set and student carry "
+                        "this epsilon per pooled record, labels included; the devices' latents are not noised "
+                        "(docs/privacy.md)")
+    p.add_argument("--central-delta", type=float, default=None, help="with --central-epsilon: delta (default 1e-5)")
     p.add_argument("--deadline", type=float, default=None, help="seconds the whole collection may take")
     p.add_argument("--retries", type=int, default=None,
                    help="ask a node that missed a round's timeout again this often before dropping it (default 2)")
@@ -127,6 +132,13 @@ def demo_config(args):
             raise ValueError(f"--group-size must be >= 1, got {fed.group_size}")
         if fed.group_size > 1 and not fed.target_epsilon:
             raise ValueError("--group-size averages latents for the DP mechanism; give --target-epsilon as well")
+    central = override(cfg.central, epsilon=getattr(args, "central_epsilon", None),
+                       delta=getattr(args, "central_delta", None))
+    if central.epsilon is not None and not central.epsilon > 0:
+        raise ValueError(f"--central-epsilon must be > 0, got {central.epsilon}")
+    if central.epsilon and fed is not None and fed.target_epsilon:
+        raise ValueError("--central-epsilon (trusted server) and --target-epsilon (DP on the device) are two threat "
+                         "models; give one of them")
     eval_seeds = getattr(args, "eval_seeds", None)
     eval_seeds = cfg.eval_seeds if eval_seeds is None else eval_seeds
     if eval_seeds < 1:
@@ -135,7 +147,7 @@ def demo_config(args):
                           epochs=getattr(args, "eval_epochs", None))
     protocol = getattr(args, "protocol", None) if getattr(args, "command", "") == "demo" else None
     return replace(cfg, recipe=getattr(args, "recipe", "small"), evaluation=evaluation, protocol=protocol or cfg.protocol,
-                   data=data, autoencoder=ae, chain=chain, condense=cond,
+                   data=data, autoencoder=ae, chain=chain, condense=cond, central=central,
                    student=student, ipcs=ipcs,
                    baselines=baselines, eval_seeds=eval_seeds, device=args.device, federation=fed,
                    reuse_baselines=not getattr(args, "retrain_baselines", False))

@@ -5,6 +5,7 @@ data -> autoencoder (public split) -> E1 latents of the private split (client si
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import replace
@@ -225,6 +226,43 @@ def released_pool(ds: Dataset, e1, pool: ImageSplit, release, device: torch.devi
     return pool, ImageSplit(public, ds.public.labels, ds.public.ids), notes
 
 
+def central_release(ds: Dataset, e1, dec, pool: ImageSplit, cfg: DemoConfig, device: torch.device, out: Path
+                    ) -> tuple[ImageSplit, ImageSplit, dict, dict]:
+    """Central DP (server/condense/private_target.py): the pool's one release, and the public split as both the
+    conditioning pool and the chain's training set. Returns (pool to condense, chain source, the release for
+    the refinement, the privacy entry); the entry is also written to the run's privacy ledger."""
+    from server.condense.private_target import (CENTRAL_NEIGHBOURING, EmbeddingBank, class_sums,
+                                                clip_norm_from_public, release_class_means)
+    from shared.accounting import ImageRelease, noise_for_epsilon
+    c = cfg.central
+    public = ImageSplit(encode_images(e1, ds.public.images, device=device), ds.public.labels, ds.public.ids)
+    bank = EmbeddingBank(c.nets, c.width, cfg.data.seed)
+    nets = bank.build(ds.public.images.shape[1], ds.public.images.shape[-1], device)
+    with torch.no_grad():
+        decoded_public = torch.cat([dec(public.images[i:i + 512].to(device)).clamp(-1, 1).float()
+                                    for i in range(0, len(public), 512)])
+    clip = clip_norm_from_public(nets, decoded_public, device)
+    sigma = noise_for_epsilon(c.epsilon, c.delta)
+    target = release_class_means(class_sums(dec, pool.images, pool.labels, ds.num_classes, nets, clip, device), sigma)
+    entry = {"mechanism": "central Gaussian: class sums of clipped random-ConvNet embeddings and class counts, "
+                          "released once by the server", "threat_model": "trusted server, untrusted consumers",
+             "epsilon": ImageRelease(clip, sigma, c.delta, "public").epsilon("pld"), "target_epsilon": c.epsilon,
+             "delta": c.delta, "noise_multiplier": sigma, "clip_norm": clip, "sensitivity": 2 * clip,
+             "neighbouring": CENTRAL_NEIGHBOURING, "embedding": {"nets": c.nets, "width": c.width, "seed": bank.seed},
+             "covers": "every pooled record (image and label) in the shipped synthetic set, student and teacher",
+             "labels_public": False, "records": len(pool), "accountant": "dp-accounting PLD, REPLACE_ONE",
+             "note": ("CENTRAL DP: the devices' latents reached the server without noise (sealed in transit); the "
+                      "server is trusted, and the guarantee holds for what it ships. The chain, the conditioning "
+                      "latents and the teacher come from the public split alone.")}
+    ledger_path = out / "privacy_ledger.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"summary": entry}
+    if "central" not in ledger and "summary" in ledger:
+        ledger["device_release_summary"] = ledger["summary"]       # what the devices sent: no noise
+    ledger.update(central=entry, summary=entry)
+    write_json(ledger_path, ledger, indent=2)
+    return public, public, {"means": target, "nets": nets, "iterations": c.iterations}, entry
+
+
 def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSplit, info: dict, out: Path,
                           device: torch.device, release=None) -> dict:
     """Server steps after the latents are in: E2 + chain, condensation per IPC, students, report.
@@ -235,8 +273,13 @@ def condense_and_evaluate(ds: Dataset, cfg: DemoConfig, e1, dec, pool: ImageSpli
     """
     denoise = cfg.federation.denoise if cfg.federation else "wiener"
     pool, chain_source, info["released_pool"] = released_pool(ds, e1, pool, release, device, denoise)
+    private_target = None
+    if cfg.central.epsilon:
+        pool, chain_source, private_target, info["privacy"] = central_release(ds, e1, dec, pool, cfg, device, out)
+        info["released_pool"] = {"chain_trained_on": "public split (central DP: the pool enters through one release)"}
     committed = committed_match(e1, chain_source, ds, noised=release is not None and release.private)
     models, chain = chain_models(e1, dec, chain_source, cfg, device, committed)
+    models["private_target"] = private_target
     info = {**info, "pretrain": info["pretrain"] + chain["seconds"],
             "checkpoints": {**info["checkpoints"], "chain": chain["path"]}}
     info["committed_checkpoints"] = {k: v["committed"] for k, v in (("autoencoder", info.get("autoencoder", {})),

@@ -139,6 +139,17 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class CentralDPConfig:
+    """Central DP on a trusted server (server/condense/private_target.py): the shipped set and student carry the
+    guarantee; the devices' latents reach the server un-noised (sealed in transit). epsilon None: off."""
+    epsilon: Optional[float] = None
+    delta: float = 1e-5
+    nets: int = 4                           # random ConvNet-3 embeddings in the release
+    width: int = 64                         # their width
+    iterations: int = 150                   # Adam iterations fitting the chain's latents to the release
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -146,6 +157,7 @@ class DemoConfig:
     condense: CondenseConfig = field(default_factory=CondenseConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     federation: Optional[FederationConfig] = field(default_factory=FederationConfig)   # None: single machine
+    central: CentralDPConfig = field(default_factory=CentralDPConfig)
     ipcs: tuple[int, ...] = (10,)
     baselines: tuple[str, ...] = ("random_real", "full_real")
     eval_seeds: int = 1                     # per IPC: seeds 0..n-1 added to the condense/student seeds (paired stats)

@@ -109,6 +109,26 @@ def test_privacy_curve_scores_each_epsilon_and_group_size(tmp_path):
     assert "public split alone" in markdown(doc)
 
 
+@pytest.mark.slow
+def test_central_privacy_curve_fits_the_public_chain_to_one_release(tmp_path):
+    """The central-DP curve at tiny scale: the public split's chain sets fitted to the pool's one release at
+    each epsilon and without noise, beside the public split alone and a random real subset."""
+    from benchmarks.privacy_curve import markdown, summary
+    out = tmp_path / "results"
+    assert main(["bench", "--privacy-curve", "--threat-model", "central", "--out", str(out), "--epsilons", "2",
+                 "--central-iterations", "3", "--ipc", "2", "--seeds", "0", "--evaluators", "1", "--epochs", "2",
+                 *TINY]) == 0
+    files = sorted(out.glob("fmnist-privacy-curve-central-dp-*.json"))
+    assert len(files) == 1 and files[0].with_suffix(".png").stat().st_size > 5000
+    doc = json.loads(files[0].read_text())
+    assert doc["threat_model"].startswith("trusted server") and doc["complete"]
+    noised = next(p for p in doc["points"] if p["epsilon"] == 2.0)
+    assert noised["epsilon_pld"] <= 2.0 and noised["noise_multiplier"] > 0 and noised["released"]["records"] == 1350
+    arms = {(r["epsilon"], r["arm"]) for r in summary(doc)}
+    assert arms == {("inf", "random_real"), ("0", "public_only"), ("inf", "central"), ("2.0", "central")}
+    assert "labels inside the guarantee" in markdown(doc)
+
+
 def test_distill_native_bench_pairs_every_method_with_kd(tmp_path):
     """The native-setting bench at tiny scale: a teacher trained on all training images, students on a
     real subset per seed, each method's paired difference to KD, a trace of every term, JSON, table, plot."""

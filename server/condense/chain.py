@@ -148,7 +148,11 @@ def condense(latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, num
                      replace(cfg, ipc=cfg.ipc * cfg.formation ** 2) if cfg.ipc else cfg, device, work)
     if world()[0] != 0:
         return syn
-    if cfg.refine_iterations:
+    private = models.get("private_target")
+    if private is not None:             # central DP: fitted to the pool's one release, never to the pool
+        syn = refined_to_private_means([syn], models["decoder"], private["means"], private["nets"], cfg, device,
+                                       private["iterations"])[0]
+    elif cfg.refine_iterations:
         syn = refined(syn, latents, labels, num_classes, models["decoder"], cfg, device)
     syn = formed(syn, cfg.formation)
     syn.meta.update(config=to_jsonable(cfg), seconds=time.time() - start)
@@ -173,6 +177,24 @@ def refined(syn: SyntheticSet | list[SyntheticSet], latents, labels, num_classes
                                      len(sets), "seconds": out["seconds"], "losses": losses}}
         done.append(SyntheticSet(images, s.labels, z, s.conditioning, meta))
     return done if many else done[0]
+
+
+def refined_to_private_means(sets: list[SyntheticSet], decoder, target, nets, cfg: CondenseConfig, device,
+                             iterations: int | None = None) -> list[SyntheticSet]:
+    """Chain sets with their latents fitted to a central-DP release of the pool's class-mean embeddings
+    (server/condense/private_target.py) instead of to the pool itself."""
+    from server.condense.private_target import refine_to_means
+    out = refine_to_means([s.latents for s in sets], [s.labels.argmax(1) for s in sets], decoder, target, nets,
+                          iterations or cfg.refine_iterations, cfg.refine_lr, device)
+    done = []
+    for s, z, losses in zip(sets, out["latents"], out["losses"]):
+        with torch.no_grad():
+            images = torch.cat([decoder(z[i:i + cfg.batch_size].to(device)).clamp(-1, 1).float().cpu()
+                                for i in range(0, len(z), cfg.batch_size)])
+        meta = {**s.meta, "refine": {"target": "central-DP class-mean embeddings", "iterations": out["iterations"],
+                                     "lr": cfg.refine_lr, "seconds": out["seconds"], "losses": losses}}
+        done.append(SyntheticSet(images, s.labels, z, s.conditioning, meta))
+    return done
 
 
 def formed(syn: SyntheticSet, factor: int) -> SyntheticSet:

@@ -1,0 +1,77 @@
+"""Central DP on a trusted server (server/condense/private_target.py): the one release that touches the pool."""
+import math
+
+import torch
+import torch.nn as nn
+
+from server.condense.private_target import (COUNT_SHARE, EmbeddingBank, class_sums, clip_norm_from_public,
+                                            refine_to_means, release_class_means)
+from shared.accounting import ImageRelease, noise_for_epsilon
+
+CPU = torch.device("cpu")
+K = 3
+
+
+def toy(n=60, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=gen).clamp(-1, 1), torch.arange(n) % K
+
+
+def statistic(stat):
+    """What the mechanism noises, as one vector: [class sums, w x counts]."""
+    w = COUNT_SHARE * stat.clip_norm
+    return torch.cat([stat.sums.flatten(), stat.counts * w])
+
+
+def test_replacing_one_record_moves_the_released_statistic_by_at_most_2C_labels_included():
+    nets = EmbeddingBank(nets=2, width=8, seed=0).build(1, 8, CPU)
+    x, y = toy()
+    clip = 0.5 * clip_norm_from_public(nets, x, CPU)          # small enough that clipping binds on many records
+    base = statistic(class_sums(nn.Identity(), x, y, K, nets, clip, CPU, batch=16))
+    other, _ = toy(n=1, seed=7)
+    moved = []
+    for new_label in (int(y[5]), (int(y[5]) + 1) % K):        # same label, then a label change
+        x2, y2 = x.clone(), y.clone()
+        x2[5], y2[5] = other[0] * 3, new_label
+        moved.append(float((statistic(class_sums(nn.Identity(), x2, y2, K, nets, clip, CPU, batch=16)) - base).norm()))
+    assert all(0 < m <= 2 * clip * (1 + 1e-6) for m in moved), moved
+    assert moved[1] <= math.sqrt(2) * clip * (1 + 1e-6)    # a label change: two sums, C each
+
+
+def test_the_release_carries_os_random_noise_of_the_calibrated_size():
+    nets = EmbeddingBank(nets=2, width=8, seed=0).build(1, 8, CPU)
+    x, y = toy(n=90)
+    stat = class_sums(nn.Identity(), x, y, K, nets, 1.0, CPU)
+    sigma = noise_for_epsilon(1.0, 1e-5)
+    assert ImageRelease(1.0, sigma, 1e-5, "public").epsilon("pld") <= 1.0
+    a, b = release_class_means(stat, sigma), release_class_means(stat, sigma)
+    assert not torch.equal(a.means, b.means)                  # fresh OS randomness, nothing seeds it
+    noise = torch.stack([release_class_means(stat, sigma).released - statistic(stat) for _ in range(100)])
+    assert abs(float(noise.std()) / (sigma * 1.0) - 1) < 0.05  # per-coordinate std sigma C, sums and counts alike
+    clean = release_class_means(stat, 0.0)
+    assert torch.allclose(clean.means, (stat.sums / stat.counts[:, None]).float())
+    assert clean.counts.tolist() == [30.0, 30.0, 30.0]
+
+
+def test_fitting_the_latents_pulls_the_set_towards_the_released_means():
+    nets = EmbeddingBank(nets=2, width=8, seed=0).build(1, 8, CPU)
+    x, y = toy(n=90)
+    target = release_class_means(class_sums(nn.Identity(), x, y, K, nets, 10.0, CPU), 0.0)
+    start = 0.1 * torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = refine_to_means([start], [torch.arange(6) % K], nn.Identity(), target, nets, 60, 0.05, CPU)
+    curve = out["losses"][0]
+    assert curve[-1][1] < 0.5 * curve[0][1], curve
+    assert out["latents"][0].shape == start.shape and not torch.equal(out["latents"][0], start)
+
+
+def test_the_two_threat_models_are_one_choice_and_the_flag_reaches_the_config():
+    import pytest
+    from server.cli import build_parser
+    from server.options import demo_config
+    parse = build_parser().parse_args
+    cfg = demo_config(parse(["demo", "--local", "--central-epsilon", "3", "--central-delta", "1e-6"]))
+    assert (cfg.central.epsilon, cfg.central.delta) == (3.0, 1e-6)
+    with pytest.raises(ValueError, match="two threat models"):
+        demo_config(parse(["demo", "--central-epsilon", "1", "--target-epsilon", "8"]))
+    with pytest.raises(ValueError, match="must be > 0"):
+        demo_config(parse(["demo", "--local", "--central-epsilon", "0"]))
