@@ -24,7 +24,7 @@ import torch
 from benchmarks.standard import machine_name, random_per_class
 from client.encode import encode_images
 from client.privacy import release_records
-from server.condense.chain import refined, refined_to_private_means, run_chains
+from server.condense.chain import decode_latents, refined, refined_to_private_means, run_chains
 from server.condense.private_target import (CENTRAL_NEIGHBOURING, EmbeddingBank, class_sums, clip_norm_from_public,
                                             release_class_means)
 from server.condense.pretrain import load_or_train_autoencoder, load_or_train_chain
@@ -76,12 +76,6 @@ def device_releases(ds, latents: torch.Tensor, release, cfg: PrivacyCurveConfig)
     return ImageSplit(z, y, torch.arange(len(y)))
 
 
-def decoded(decoder, latents: torch.Tensor, dev) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([decoder(latents[i:i + 256].to(dev)).clamp(-1, 1).float().cpu()
-                          for i in range(0, len(latents), 256)])
-
-
 def condensed_sets(name: str, pool: ImageSplit, models: dict, k: int, demo: DemoConfig, cfg: PrivacyCurveConfig,
                    dev) -> tuple[list[LabelledSet], dict]:
     """The guided chain then the refinement, one set per seed (the seeds' sets refined in one loop)."""
@@ -99,7 +93,7 @@ def released_subsets(name: str, released: ImageSplit, decoder, num_classes: int,
     sets = []
     for s in cfg.seeds:
         idx = random_per_class(released.labels, cfg.ipc, s)
-        sets.append(LabelledSet(f"{name}|s{s}", decoded(decoder, released.images[idx], dev),
+        sets.append(LabelledSet(f"{name}|s{s}", decode_latents(decoder, released.images[idx], dev),
                                 torch.nn.functional.one_hot(released.labels[idx], num_classes).float()))
     return sets
 
@@ -209,7 +203,7 @@ def run_central_curve(cfg: PrivacyCurveConfig, out_dir: Path) -> Path:
     central = demo.central                                   # the release's networks and the fit's iterations
     bank = EmbeddingBank(central.nets, central.width, demo.data.seed)
     nets = bank.build(ds.public.images.shape[1], ds.public.images.shape[-1], dev)
-    clip = clip_norm_from_public(nets, decoded(run.dec, run.public.images, dev), dev)
+    clip = clip_norm_from_public(nets, decode_latents(run.dec, run.public.images, dev), dev)
     stat = class_sums(run.dec, run.clean, ds.private.labels, ds.num_classes, nets, clip, dev)
     run.doc.update(clip_norm=clip, neighbouring=CENTRAL_NEIGHBOURING, class_sums_seconds=stat.seconds)
     ccfg = replace(demo.condense, ipc=cfg.ipc, seed=cfg.seeds[0])

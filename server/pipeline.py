@@ -16,7 +16,7 @@ import torch
 
 from client.encode import encode_images
 from server.distill.baseline_cache import baseline_score
-from server.condense.chain import SyntheticSet, condense
+from server.condense.chain import SyntheticSet, condense, decode_latents
 from server.distill.losses import needs_teacher, teacher_view_strength
 from server.condense.pretrain import load_or_train_autoencoder, load_or_train_chain
 from server.distill.evaluate import LabelledSet, evaluate_sets
@@ -238,10 +238,7 @@ def central_release(ds: Dataset, e1, dec, pool: ImageSplit, cfg: DemoConfig, dev
     public = ImageSplit(encode_images(e1, ds.public.images, device=device), ds.public.labels, ds.public.ids)
     bank = EmbeddingBank(c.nets, c.width, cfg.data.seed)
     nets = bank.build(ds.public.images.shape[1], ds.public.images.shape[-1], device)
-    with torch.no_grad():
-        decoded_public = torch.cat([dec(public.images[i:i + 512].to(device)).clamp(-1, 1).float()
-                                    for i in range(0, len(public), 512)])
-    clip = clip_norm_from_public(nets, decoded_public, device)
+    clip = clip_norm_from_public(nets, decode_latents(dec, public.images, device), device)
     sigma = noise_for_epsilon(c.epsilon, c.delta)
     target = release_class_means(class_sums(dec, pool.images, pool.labels, ds.num_classes, nets, clip, device), sigma)
     entry = {"mechanism": "central Gaussian: class sums of clipped random-ConvNet embeddings and class counts, "

@@ -79,3 +79,28 @@ def test_empirical_epsilon_bounds_what_an_attack_shows_and_no_more():
     assert 0.3 < moderate["empirical_epsilon"]["epsilon_lower_bound"] < perfect["epsilon_lower_bound"]
     lo, hi = moderate["ci"]["auc"]
     assert lo < moderate["auc"] < hi and hi - lo < 0.06 and abs(moderate["auc"] - 0.76) < 0.03
+
+
+def test_the_auditor_names_each_nodes_share_by_its_record_count(tmp_path):
+    """A federated run's pool does not say which share a node held; the auditor, who knows the simulation's
+    partition rule, matches record counts, and refuses where two shares have one size."""
+    import json
+    from types import SimpleNamespace
+    from server.audit.runner import pooled_shares
+    from shared.partition import partition
+    labels = torch.arange(600) % 10
+    ds = SimpleNamespace(private=SimpleNamespace(labels=labels))
+    fed = {"iid": False, "alpha": 0.5, "partition_seed": 3}
+    parts = partition(labels.numpy(), 4, iid=False, alpha=0.5, seed=3)
+    assert len({len(p) for p in parts}) == 4
+    (tmp_path / "pool").mkdir()
+    node_ids = [40, 10, 30, 20]                              # node i held share i; ranks go by node id
+    (tmp_path / "pool" / "provenance.jsonl").write_text("\n".join(
+        json.dumps({"node_id": n, "latents": len(parts[i]), "mechanism": {"group_size": 1}})
+        for i, n in enumerate(node_ids)))
+    report = {"config": {"federation": fed}, "federation": {"nodes": node_ids}}
+    _, ranks = pooled_shares(report, ds, tmp_path)
+    assert ranks == [1, 3, 2, 0]
+    (tmp_path / "pool" / "provenance.jsonl").write_text(json.dumps({"node_id": 1, "latents": 7}))
+    with pytest.raises(ValueError, match="matches 0 shares"):
+        pooled_shares(report, ds, tmp_path)

@@ -75,3 +75,22 @@ def test_the_two_threat_models_are_one_choice_and_the_flag_reaches_the_config():
         demo_config(parse(["demo", "--central-epsilon", "1", "--target-epsilon", "8"]))
     with pytest.raises(ValueError, match="must be > 0"):
         demo_config(parse(["demo", "--local", "--central-epsilon", "0"]))
+
+
+def test_a_central_dp_demo_ships_a_set_whose_ledger_covers_every_pooled_record(tmp_path):
+    """`demo --local --central-epsilon`: the chain and conditioning come from the public split, the pool enters
+    through the one release, and the report and ledger state the guarantee (labels inside it)."""
+    import json
+    from server.cli import main
+    from tests.test_demo_e2e import TINY
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), "--ipc", "2", "--no-full", "--central-epsilon", "2", *TINY,
+                 "--student-steps", "10"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    assert ledger["summary"]["epsilon"] <= 2.0 and ledger["summary"]["labels_public"] is False
+    assert ledger["summary"]["threat_model"].startswith("trusted server") and ledger["summary"]["records"] == 1500
+    assert report["privacy"]["epsilon"] == ledger["summary"]["epsilon"]
+    assert report["released_pool"]["chain_trained_on"].startswith("public split")
+    meta = json.loads((out / "ipc2" / "manifest.json").read_text())
+    assert "central-DP" in json.dumps(meta)

@@ -46,16 +46,31 @@ def resolve_real_index(report: dict, ds, ids: torch.Tensor, run: Path) -> torch.
 
 
 def pooled_shares(report: dict, ds, run: Path) -> tuple[list, list[int]]:
-    """A federated run's partition of the private split, and the share each pooled node held, by rank."""
+    """A federated run's partition of the private split, and the share each pooled node held, by rank.
+
+    The devices do not say which share they held. The auditor knows the simulation's partition rule (clients,
+    alpha, seed) and matches each pooled node to the share of its record count, which the devices release
+    (n is public under the replace-one relation); a partition with two shares of one size is refused."""
     fed = report["config"]["federation"]
     parts = partition(ds.private.labels.numpy(), len(report["federation"]["nodes"]), iid=fed["iid"],
                       alpha=fed["alpha"], seed=fed["partition_seed"])
     provenance = sorted((json.loads(line) for line in (run / "pool" / "provenance.jsonl").read_text().splitlines()),
                         key=lambda p: p["node_id"])
-    if any("partition_id" not in p for p in provenance):
-        raise ValueError(f"{run}: the pool does not say which share each node held (devices do not release it), so "
-                         "the audit cannot tell members from non-members; audit a single-machine run (demo --local)")
-    return parts, [p["partition_id"] for p in provenance]
+    if any((p.get("mechanism") or {}).get("group_size", 1) != 1 for p in provenance):
+        raise ValueError(f"{run}: the devices released group means, so a node's record count does not name its "
+                         "share; audit a run with --group-size 1 or a single-machine run (demo --local)")
+    share_of_size: dict[int, list[int]] = {}
+    for pid, rows in enumerate(parts):
+        share_of_size.setdefault(len(rows), []).append(pid)
+    ranks = []
+    for p in provenance:
+        pids = share_of_size.get(p["latents"], [])
+        if len(pids) != 1:
+            raise ValueError(f"{run}: node {p['node_id']} pooled {p['latents']} records, which matches "
+                             f"{len(pids)} shares of the partition; the audit cannot tell members from non-members. "
+                             "Audit a single-machine run (demo --local), or a federation whose shares differ in size")
+        ranks.append(pids[0])
+    return parts, ranks
 
 
 def pooled_positions(report: dict, ds, run: Path) -> torch.Tensor:

@@ -168,14 +168,7 @@ def refined(syn: SyntheticSet | list[SyntheticSet], latents, labels, num_classes
     out = refine_latents([s.latents for s in sets], [s.labels.argmax(1) for s in sets], decoder, latents, labels,
                          num_classes, cfg.refine_iterations, cfg.refine_lr, device, cfg.formation,
                          cfg.refine_real_per_class, cfg.refine_real_batch, seed=cfg.seed, time_limit=time_limit)
-    done = []
-    for s, z, losses in zip(sets, out["latents"], out["losses"]):
-        with torch.no_grad():
-            images = torch.cat([decoder(z[i:i + cfg.batch_size].to(device)).clamp(-1, 1).float().cpu()
-                                for i in range(0, len(z), cfg.batch_size)])
-        meta = {**s.meta, "refine": {"iterations": out["iterations"], "lr": cfg.refine_lr, "sets_in_one_loop":
-                                     len(sets), "seconds": out["seconds"], "losses": losses}}
-        done.append(SyntheticSet(images, s.labels, z, s.conditioning, meta))
+    done = with_refined_latents(sets, out, decoder, cfg, device, sets_in_one_loop=len(sets))
     return done if many else done[0]
 
 
@@ -186,13 +179,24 @@ def refined_to_private_means(sets: list[SyntheticSet], decoder, target, nets, cf
     from server.condense.private_target import refine_to_means
     out = refine_to_means([s.latents for s in sets], [s.labels.argmax(1) for s in sets], decoder, target, nets,
                           iterations or cfg.refine_iterations, cfg.refine_lr, device)
+    return with_refined_latents(sets, out, decoder, cfg, device, target="central-DP class-mean embeddings")
+
+
+@torch.no_grad()
+def decode_latents(decoder, latents: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
+    """Images D(z) in [-1, 1] on the CPU, decoded `batch` latents at a time on `device`."""
+    return torch.cat([decoder(latents[i:i + batch].to(device)).clamp(-1, 1).float().cpu()
+                      for i in range(0, len(latents), batch)])
+
+
+def with_refined_latents(sets: list[SyntheticSet], out: dict, decoder, cfg: CondenseConfig, device, **note
+                         ) -> list[SyntheticSet]:
+    """Each set with its refined latents (`out['latents']`) decoded, and the refinement recorded in its meta."""
     done = []
     for s, z, losses in zip(sets, out["latents"], out["losses"]):
-        with torch.no_grad():
-            images = torch.cat([decoder(z[i:i + cfg.batch_size].to(device)).clamp(-1, 1).float().cpu()
-                                for i in range(0, len(z), cfg.batch_size)])
-        meta = {**s.meta, "refine": {"target": "central-DP class-mean embeddings", "iterations": out["iterations"],
-                                     "lr": cfg.refine_lr, "seconds": out["seconds"], "losses": losses}}
+        images = decode_latents(decoder, z, device, cfg.batch_size)
+        meta = {**s.meta, "refine": {**note, "iterations": out["iterations"], "lr": cfg.refine_lr,
+                                     "seconds": out["seconds"], "losses": losses}}
         done.append(SyntheticSet(images, s.labels, z, s.conditioning, meta))
     return done
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from client.privacy import secure_normal
+from client.privacy import clip_latents, secure_normal
 from shared.device import autocast
 from shared.models.students import ConvNet
 from shared.progress import progress
@@ -61,10 +61,6 @@ def embed(nets: list[ConvNet], images: torch.Tensor) -> torch.Tensor:
     scale = 1.0 / math.sqrt(len(nets))
     with autocast(images.device, cpu_bf16=True):
         return torch.cat([net.features(images).flatten(1).float() * scale for net in nets], dim=1)
-
-
-def clip_rows(v: torch.Tensor, norm: float) -> torch.Tensor:
-    return v * (norm / v.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
 
 
 @dataclass
@@ -113,7 +109,7 @@ def class_sums(decoder, latents: torch.Tensor, labels: torch.Tensor, num_classes
     for i in progress(range(0, len(latents), batch), desc="private class sums", unit="batch"):
         with autocast(device, cpu_bf16=True):
             images = decoder(latents[i:i + batch].to(device)).clamp(-1, 1).float()
-        v = clip_rows(embed(nets, images), inner).double().cpu()
+        v = clip_latents(embed(nets, images), inner).double().cpu()
         if sums is None:
             sums = torch.zeros(num_classes, v.shape[1], dtype=torch.float64)
         y = labels[i:i + batch]
@@ -152,7 +148,7 @@ def refine_to_means(zs: list[torch.Tensor], classes: list[torch.Tensor], decoder
         for p, cls, opt, curve in zip(params, classes, opts, losses):
             with autocast(device, cpu_bf16=True):
                 images = decoder(p).clamp(-1, 1).float()
-            v = clip_rows(embed(nets, images), inner)
+            v = clip_latents(embed(nets, images), inner)
             cls = cls.to(device)
             sums = torch.zeros(len(means), v.shape[1], device=device).index_add_(0, cls, v)
             n = torch.bincount(cls, minlength=len(means)).clamp_min(1)[:, None]
