@@ -155,8 +155,7 @@ def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device,
     est = NoiseEstimators(cfg.T, "shared", c, s, cfg.unet_channels, cfg.cross_attention_dim).to(device)
     sched = make_scheduler(cfg.T, cfg.beta_schedule, "ddpm", prediction=cfg.prediction)
     opt = torch.optim.AdamW([*e2.parameters(), *est.parameters()], lr=cfg.lr)
-    steps = max(cfg.shared_steps, 1)
-    lr = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=max(0.05, 2.0 / steps))
+    lr = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(cfg.shared_steps, 1), pct_start=0.05)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     bar = progress(_batches(len(latents), cfg.batch_size, cfg.shared_steps, cfg.seed), total=cfg.shared_steps, desc="chain (shared)", unit="step")
     curve = [] if curve is None else curve
