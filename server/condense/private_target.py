@@ -40,6 +40,11 @@ CENTRAL_NEIGHBOURING = ("replace one (image, label) record of the pool; dataset 
 COUNT_SHARE = 0.5          # w = COUNT_SHARE * C: the count coordinate's share of the clip norm
 
 
+def embedding_clip(clip_norm: float) -> float:
+    """The norm each record's embedding is clipped to, so that with the count coordinate w its vector has norm C."""
+    return clip_norm * math.sqrt(1 - COUNT_SHARE ** 2)
+
+
 @dataclass(frozen=True)
 class EmbeddingBank:
     """R random ConvNet-3 embeddings, drawn from a public seed (nothing private chooses them); sizes from
@@ -71,7 +76,7 @@ class PrivateMeans:
     clip_norm: float
     noise_multiplier: float
     seconds: float
-    released: torch.Tensor = None  # what the mechanism outputs: [noised class sums (K x D), noised w x counts (K)]
+    released: torch.Tensor         # what the mechanism outputs: [noised class sums (K x D), noised w x counts (K)]
     meta: dict = field(default_factory=dict)
 
     @property
@@ -86,7 +91,7 @@ def clip_norm_from_public(nets: list[ConvNet], public_images: torch.Tensor, devi
     with torch.no_grad():
         norms = torch.cat([embed(nets, public_images[i:i + batch].to(device)).norm(dim=1).cpu()
                            for i in range(0, len(public_images), batch)])
-    return float(torch.quantile(norms, quantile)) / math.sqrt(1 - COUNT_SHARE ** 2)
+    return float(torch.quantile(norms, quantile)) / embedding_clip(1.0)
 
 
 @dataclass
@@ -103,7 +108,7 @@ def class_sums(decoder, latents: torch.Tensor, labels: torch.Tensor, num_classes
                clip_norm: float, device: torch.device, batch: int = 512) -> ClassSums:
     """Each private latent decoded, embedded by the R networks, clipped to sqrt(C^2 - w^2), summed per class."""
     start = time.time()
-    inner = clip_norm * math.sqrt(1 - COUNT_SHARE ** 2)
+    inner = embedding_clip(clip_norm)
     sums = None
     counts = torch.zeros(num_classes, dtype=torch.float64)
     for i in progress(range(0, len(latents), batch), desc="private class sums", unit="batch"):
@@ -139,7 +144,7 @@ def refine_to_means(zs: list[torch.Tensor], classes: list[torch.Tensor], decoder
     embedding clipped as the release clipped it. Returns {'latents', 'losses', 'seconds', 'iterations'}."""
     start = time.time()
     decoder = decoder.eval().requires_grad_(False)
-    inner = target.clip_norm * math.sqrt(1 - COUNT_SHARE ** 2)
+    inner = embedding_clip(target.clip_norm)
     means = target.means.to(device)
     params = [z.detach().clone().to(device).requires_grad_(True) for z in zs]
     opts = [torch.optim.Adam([p], lr=lr) for p in params]
@@ -151,9 +156,8 @@ def refine_to_means(zs: list[torch.Tensor], classes: list[torch.Tensor], decoder
             v = clip_latents(embed(nets, images), inner)
             cls = cls.to(device)
             sums = torch.zeros(len(means), v.shape[1], device=device).index_add_(0, cls, v)
-            n = torch.bincount(cls, minlength=len(means)).clamp_min(1)[:, None]
-            present = torch.bincount(cls, minlength=len(means)) > 0
-            loss = (means - sums / n)[present].pow(2).sum()
+            n = torch.bincount(cls, minlength=len(means))
+            loss = (means - sums / n.clamp_min(1)[:, None])[n > 0].pow(2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
