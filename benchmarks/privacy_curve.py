@@ -10,6 +10,9 @@ Scored under the standard protocol (ConvNet-3 from scratch on the set alone, har
 - at epsilon inf (no noise): the same pipeline on clean latents, and a random real subset (pixels);
 - at epsilon 0 (`public_only`): the same pipeline on the server's public split alone, no device involved:
   what a released set must beat for the devices' data to have added anything.
+The central curve (`--threat-model central`) runs, at each epsilon, beside ours: DP-MERF (benchmarks/dp_merf.py),
+a one-release synthetic-data method, sampled at the same images per class; and DP-SGD on the private images
+(benchmarks/dp_sgd.py), a model rather than a set, scored on the same test images.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.dp_merf import DPMERFConfig, dp_merf_sets
+from benchmarks.dp_sgd import DPSGDConfig, train_dp_sgd
 from benchmarks.standard import machine_name, random_per_class
 from client.encode import encode_images
 from client.privacy import release_records
@@ -41,6 +46,7 @@ PUBLISHED = {  # Fashion-MNIST; central DP unless said otherwise (each paper's t
     "DP-SGD on the data, CNN, eps 3 (Tramer & Boneh, ICLR 2021)": 86.0,
     "DP-SGD on ScatterNet features, eps 3 (Tramer & Boneh, ICLR 2021)": 89.7,
 }
+CENTRAL_ARMS = ("ours", "dp_merf", "dp_sgd")
 
 
 @dataclass
@@ -59,6 +65,10 @@ class PrivacyCurveConfig:
     demo: DemoConfig = field(default_factory=lambda: apply_recipe(DemoConfig(), "demo"))   # models and condensation
     budget_s: float = math.inf
     threat_model: str = "local"          # 'local': curious server, DP on the device | 'central': trusted server
+    central_arms: tuple = CENTRAL_ARMS   # central: which of ours and the DP baselines run at each epsilon
+    dp_merf: DPMERFConfig = DPMERFConfig()
+    dp_sgd: DPSGDConfig = DPSGDConfig()
+    dp_sgd_seeds: tuple = (0,)           # ~10 min per model on 2 CPU cores at the published 40 epochs
 
 
 def device_releases(ds, latents: torch.Tensor, release, cfg: PrivacyCurveConfig) -> ImageSplit:
@@ -195,10 +205,28 @@ def run_privacy_curve(cfg: PrivacyCurveConfig, out_dir: Path) -> Path:
 def run_central_curve(cfg: PrivacyCurveConfig, out_dir: Path) -> Path:
     """Trusted server, untrusted consumers (server/condense/private_target.py): per epsilon, the public chain's
     sets fitted to one Gaussian release of the private class-mean embeddings; beside them the same fit to the
-    un-noised statistic (epsilon inf, no guarantee), the public split alone, and a random real subset."""
-    run = CurveRun(cfg, out_dir, "central-dp", "trusted server, untrusted consumers (central DP on the server)")
-    demo, ds, dev = run.demo, run.ds, run.dev
+    un-noised statistic (epsilon inf, no guarantee), the public split alone, a random real subset, and the
+    DP baselines of `cfg.central_arms`."""
+    unknown = set(cfg.central_arms) - set(CENTRAL_ARMS)
+    if unknown:
+        raise ValueError(f"unknown central arm(s) {sorted(unknown)}; choose from {' '.join(CENTRAL_ARMS)}")
+    kind = "central-dp" + ("" if set(cfg.central_arms) == set(CENTRAL_ARMS) else
+                           "-" + "-".join(a.replace("_", "") for a in cfg.central_arms))
+    run = CurveRun(cfg, out_dir, kind, "trusted server, untrusted consumers (central DP on the server)")
     run.score(run.random_real(), {"epsilon": "inf", "group_size": 0})
+    if "ours" in cfg.central_arms:
+        central_release_arm(run)
+    for eps in cfg.epsilons:
+        if "dp_merf" in cfg.central_arms and not run.over_budget(f"DP-MERF epsilon {eps}"):
+            dp_merf_arm(run, eps)
+        if "dp_sgd" in cfg.central_arms and not run.over_budget(f"DP-SGD epsilon {eps}"):
+            dp_sgd_arm(run, eps)
+    return run.save(complete=True)
+
+
+def central_release_arm(run: CurveRun) -> None:
+    """Ours: the public split alone, then per epsilon (and inf) the chain's sets fitted to the release."""
+    cfg, demo, ds, dev = run.cfg, run.demo, run.ds, run.dev
     models, chains = run.public_only()
     central = demo.central                                   # the release's networks and the fit's iterations
     bank = EmbeddingBank(central.nets, central.width, demo.data.seed)
@@ -221,7 +249,31 @@ def run_central_curve(cfg: PrivacyCurveConfig, out_dir: Path) -> Path:
                                   "epsilon_pld": None if eps == "inf" else
                                   ImageRelease(clip, sigma, cfg.delta, "public").epsilon("pld")})
         run.score([LabelledSet(f"central|s{s}", syn.images, syn.labels) for s, syn in zip(cfg.seeds, sets)], point)
-    return run.save(complete=True)
+
+
+def dp_merf_arm(run: CurveRun, eps: float) -> None:
+    """DP-MERF on the private pixels at `eps` (the same exact Gaussian calibration as ours), `ipc` samples per
+    class per seed, scored like every set."""
+    cfg, ds = run.cfg, run.ds
+    sigma = noise_for_epsilon(eps, cfg.delta)
+    sets, info = dp_merf_sets(ds.private, ds.num_classes, sigma, cfg.ipc, cfg.seeds, ds.private.images.shape[-1],
+                              cfg.dp_merf)
+    point = {"epsilon": eps, "group_size": 0}
+    run.doc["points"].append({**point, "arm": "dp_merf", "noise_multiplier": sigma, **info})
+    run.score([LabelledSet(f"dp_merf|s{s}", x, torch.nn.functional.one_hot(y, ds.num_classes).float())
+               for s, (x, y) in zip(cfg.seeds, sets)], point)
+
+
+def dp_sgd_arm(run: CurveRun, eps: float) -> None:
+    """DP-SGD on the private pixels at `eps`: a model, not a set; its own test accuracy per seed."""
+    cfg, ds = run.cfg, run.ds
+    point = {"epsilon": eps, "group_size": 0}
+    for s in cfg.dp_sgd_seeds:
+        r = train_dp_sgd(ds.private, ds.test, eps, cfg.delta, s, cfg.dp_sgd)
+        run.doc["points"].append({**point, "arm": "dp_sgd", "seed": s, **{k: v for k, v in r.items() if k != "accuracy"}})
+        run.doc["results"].append({**point, "arm": "dp_sgd", "seed": s, "accuracy": [r["accuracy"]],
+                                   "mean": r["accuracy"], "std": 0.0, "training_images": r["records"]})
+        run.save()
 
 
 def chain_models_for(e1, dec, pool: ImageSplit, ds, demo: DemoConfig, dev, committed=None, chain_source=None
@@ -251,7 +303,9 @@ def summary(doc: dict) -> list[dict]:
 
 ARM_NAMES = {"ours": "ours (chain + guidance + refinement)", "released_real": "released records, random subset",
              "random_real": "random real subset (no DP)", "public_only": "public split alone (no device data)",
-             "central": "ours, fitted to the central-DP release"}
+             "central": "ours, fitted to the central-DP release",
+             "dp_merf": "DP-MERF, sampled at the same images per class",
+             "dp_sgd": "DP-SGD on the private images (a model, not a set)"}
 
 
 def markdown(doc: dict) -> str:

@@ -50,7 +50,7 @@ def cmd_condense(args) -> int:
     from server.pipeline import build_models
     from shared.data import load_dataset
     from shared.device import resolve_device
-    from server.condense.batches import join_workers, world
+    from shared.workers import join_workers, world
     join_workers()
     cfg = demo_config(args)
     if args.ratio is None and not args.max_coverage:
@@ -205,7 +205,8 @@ def cmd_bench_federation(args) -> int:
 def cmd_bench_privacy(args) -> int:
     from benchmarks.privacy_curve import PrivacyCurveConfig, markdown, plot, run_privacy_curve
     preset = {k: tuple(v) for k, v in (("epsilons", args.epsilons), ("group_sizes", args.group_sizes),
-                                        ("seeds", args.seeds)) if v}
+                                        ("seeds", args.seeds), ("central_arms", args.central_arms),
+                                        ("dp_sgd_seeds", args.dp_sgd_seeds)) if v}
     preset.update({k: getattr(args, k) for k in ("evaluators", "budget_s", "threat_model")
                    if getattr(args, k, None) is not None})
     if args.ipc:
@@ -466,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--central-iterations", type=int, default=None,
                    help="--privacy-curve --threat-model central: Adam iterations fitting the set to the release "
                         "(default 150)")
+    p.add_argument("--central-arms", nargs="+", choices=["ours", "dp_merf", "dp_sgd"], default=None,
+                   help="--privacy-curve --threat-model central: what runs at each epsilon (default all): ours (the "
+                        "release and the fit), dp_merf (DP-MERF sampled at the same IPC, benchmarks/dp_merf.py), "
+                        "dp_sgd (DP-SGD with Opacus on the private images, Tramer & Boneh's CNN, benchmarks/dp_sgd.py)")
+    p.add_argument("--dp-sgd-seeds", type=int, nargs="+", default=None,
+                   help="--privacy-curve --threat-model central: DP-SGD models per epsilon (default 0; ~10 min each "
+                        "on 2 CPU cores at the published 40 epochs)")
     p.add_argument("--distill-native", action="store_true",
                    help="every distillation loss in its native setting (benchmarks/distill_native.py): a teacher on "
                         "all training images, small students on a real subset, paired seeds against vanilla KD")

@@ -104,3 +104,19 @@ def test_the_auditor_names_each_nodes_share_by_its_record_count(tmp_path):
     (tmp_path / "pool" / "provenance.jsonl").write_text(json.dumps({"node_id": 1, "latents": 7}))
     with pytest.raises(ValueError, match="matches 0 shares"):
         pooled_shares(report, ds, tmp_path)
+
+
+def test_the_released_set_attack_finds_members_a_set_copies_and_not_members_it_does_not():
+    """The nearest-synthetic attack on a released set: a set holding lightly blurred copies of half the members
+    puts those nearer than any non-member; a set of other real images does not (AUC 0.5 within its interval)."""
+    ds = load_dataset(DataConfig(public_size=500, train_limit=3000, test_limit=100))
+    order = torch.randperm(len(ds.private), generator=torch.Generator().manual_seed(0))
+    members, others, unrelated = (ds.private.subset(order[a:a + 200]) for a in (0, 200, 400))
+    x = torch.cat([members.images, others.images])
+    is_member = np.r_[np.ones(200), np.zeros(200)]
+    copies = F.avg_pool2d(members.images[:100], 3, 1, 1) * 0.5 + members.images[:100] * 0.5
+    leaky = attacks.attack_figures(attacks.nearest_synthetic_scores(x, copies), is_member, delta=1e-5)
+    assert leaky["auc"] > 0.7 and leaky["tpr_at_1pct_fpr"] >= 0.45, leaky["auc"]
+    assert leaky["empirical_epsilon"]["epsilon_lower_bound"] > 0
+    fair = attacks.attack_figures(attacks.nearest_synthetic_scores(x, unrelated.images[:100]), is_member, delta=1e-5)
+    assert fair["ci"]["auc"][0] <= 0.5 <= fair["ci"]["auc"][1] and fair["empirical_epsilon"]["epsilon_lower_bound"] == 0

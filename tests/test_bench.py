@@ -116,7 +116,7 @@ def test_central_privacy_curve_fits_the_public_chain_to_one_release(tmp_path):
     out = tmp_path / "results"
     assert main(["bench", "--privacy-curve", "--threat-model", "central", "--out", str(out), "--epsilons", "2",
                  "--central-iterations", "3", "--ipc", "2", "--seeds", "0", "--evaluators", "1", "--epochs", "2",
-                 *TINY]) == 0
+                 "--central-arms", "ours", *TINY]) == 0
     files = sorted(out.glob("fmnist-privacy-curve-central-dp-*.json"))
     assert len(files) == 1 and files[0].with_suffix(".png").stat().st_size > 5000
     doc = json.loads(files[0].read_text())
@@ -126,6 +126,32 @@ def test_central_privacy_curve_fits_the_public_chain_to_one_release(tmp_path):
     arms = {(r["epsilon"], r["arm"]) for r in summary(doc)}
     assert arms == {("inf", "random_real"), ("0", "public_only"), ("inf", "central"), ("2.0", "central")}
     assert "labels inside the guarantee" in markdown(doc)
+
+
+def test_central_curve_runs_dp_merf_and_dp_sgd_at_each_epsilon(tmp_path):
+    """The central curve's DP baselines at tiny scale: DP-MERF sampled at the curve's IPC and DP-SGD (Opacus)
+    on the private images, each calibrated to the epsilon of its point, beside a random real subset."""
+    from benchmarks.dp_merf import DPMERFConfig
+    from benchmarks.dp_sgd import DPSGDConfig
+    from benchmarks.privacy_curve import PrivacyCurveConfig, markdown, run_privacy_curve, summary
+    from shared.config import AutoencoderConfig, DataConfig, DemoConfig
+    demo = DemoConfig(data=DataConfig(train_limit=1500, test_limit=300), autoencoder=AutoencoderConfig(steps=30),
+                      device="cpu")
+    cfg = PrivacyCurveConfig(threat_model="central", central_arms=("dp_merf", "dp_sgd"), epsilons=(1.0, 8.0), ipc=2,
+                             seeds=(0,), evaluators=1, epochs=2, demo=demo,
+                             dp_merf=DPMERFConfig(features=200, epochs=1, batches_per_epoch=15, batch=20),
+                             dp_sgd=DPSGDConfig(batch_size=256, epochs=2))
+    doc = json.loads(run_privacy_curve(cfg, tmp_path).read_text())
+    assert {(r["epsilon"], r["arm"]) for r in summary(doc)} == {
+        ("inf", "random_real"), ("1.0", "dp_merf"), ("8.0", "dp_merf"), ("1.0", "dp_sgd"), ("8.0", "dp_sgd")}
+    sgd = {p["epsilon"]: p for p in doc["points"] if p.get("arm") == "dp_sgd"}
+    for eps, p in sgd.items():
+        assert eps * 0.9 < p["epsilon_spent"] <= eps * 1.01 and p["records"] == 1500 and p["steps"] > 0
+    assert sgd[1.0]["noise_multiplier"] > sgd[8.0]["noise_multiplier"] > 0
+    merf = {p["epsilon"]: p for p in doc["points"] if p.get("arm") == "dp_merf"}
+    assert merf[1.0]["noise_multiplier"] > merf[8.0]["noise_multiplier"] > 0
+    assert merf[1.0]["runs"][0]["noise_std_on_mean"] == pytest.approx(merf[1.0]["noise_multiplier"] / 1500)
+    assert "DP-MERF" in markdown(doc) and "DP-SGD" in markdown(doc)
 
 
 def test_distill_native_bench_pairs_every_method_with_kd(tmp_path):

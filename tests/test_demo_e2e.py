@@ -122,7 +122,9 @@ def test_audit_page_renders_in_chromium(tiny_run, tmp_path):
             r = shipped[who][attack]
             assert r["ci"]["auc"][0] <= r["auc"] <= r["ci"]["auc"][1] and r["empirical_epsilon"]["epsilon_lower_bound"] >= 0
     assert shipped["shadows"] == 1 and shipped["members"] == shipped["nonmembers"] > 0
-    assert audit["verdict"]["status"] == "no claim" and len(audit["verdict"]["attacks"]) == 6
+    released = audit["membership"]["released_set"]["nearest_synthetic"]     # the set itself, no model
+    assert released["ci"]["auc"][0] <= released["auc"] <= released["ci"]["auc"][1]
+    assert audit["verdict"]["status"] == "no claim" and len(audit["verdict"]["attacks"]) == 7
     figures = re.findall(r'<img src="([^"]+)"', page.read_text())
     assert len(figures) == 6 and all((page.parent / f).stat().st_size > 1000 for f in figures)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

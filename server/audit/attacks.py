@@ -168,3 +168,10 @@ def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, exclude_se
         dists.append(best.values / ref.shape[1] ** 0.5)
         idxs.append(best.indices)
     return torch.cat(dists).numpy(), torch.cat(idxs).numpy()
+
+
+def nearest_synthetic_scores(candidates: torch.Tensor, released: torch.Tensor) -> np.ndarray:
+    """A membership score against the released set itself, no model involved: minus the distance from each
+    candidate to its nearest released image (a set that copies or blends its conditioning images puts its
+    members closer than non-members; Chen et al., "GAN-Leaks", CCS 2020, the full black-box attack)."""
+    return -nearest_distances(candidates, released)[0]

@@ -58,7 +58,8 @@ def _row(*cells) -> str:
 def write_report(result: dict, out: Path) -> None:
     out = Path(out)
     mia, inv, mem, shipped = result["membership"], result["inversion"], result["memorisation"], result["shipped"]
-    plot_roc({k: mia[k] for k in ("loss_threshold", "lira_offline") if k in mia}, out / "roc.png")
+    plot_roc({**{k: mia[k] for k in ("loss_threshold", "lira_offline") if k in mia},
+              **{f"released set {k}": v for k, v in mia.get("released_set", {}).items()}}, out / "roc.png")
     plot_roc({f"{who} {k}": shipped[who][k] for who in ("teacher", "student") if who in shipped
               for k in ("loss_threshold", "lira_offline") if k in shipped[who]}, out / "roc_shipped.png",
              "Membership of the training data")

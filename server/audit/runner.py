@@ -132,7 +132,9 @@ def membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
     target = train_student(ctx.synthetic.images, ctx.synthetic.labels, ctx.student_cfg, ctx.device, desc="target")
     target_scores = attacks.example_scores(target, x.to(ctx.device), y.to(ctx.device))
     out = {"members": int(is_member.sum()), "nonmembers": int((1 - is_member).sum()),
-           "loss_threshold": attacks.attack_figures(target_scores, is_member, ctx.delta)}
+           "loss_threshold": attacks.attack_figures(target_scores, is_member, ctx.delta),
+           "released_set": {"nearest_synthetic": attacks.attack_figures(
+               attacks.nearest_synthetic_scores(x, ctx.synthetic.images), is_member, ctx.delta)}}
     if shadows > 0:
         out["lira_offline"] = _lira(target_scores, shadow_scores(ctx, idx, x, y, shadows), is_member, ctx.delta)
         out["shadows"] = shadows
@@ -308,12 +310,13 @@ def run_audit(run: Path, device: torch.device, shadows: int = 4, candidates: int
 
 def attack_rows(result: dict) -> list[dict]:
     """Every attack the audit ran: target, attack, AUC with its interval, TPR at 0.1 % FPR, epsilon bound."""
-    targets = [("student (soft labels) on conditioning members", result["membership"])]
+    targets = [("student (soft labels) on conditioning members", result["membership"]),
+               ("released set on conditioning members", result["membership"].get("released_set", {}))]
     shipped = result.get("shipped", {})
     targets += [(f"shipped {name} on training members", shipped[name]) for name in ("teacher", "student") if name in shipped]
     rows = []
     for target, attacks_run in targets:
-        for attack in ("loss_threshold", "lira_offline"):
+        for attack in ("loss_threshold", "lira_offline", "nearest_synthetic"):
             if attack in attacks_run:
                 r = attacks_run[attack]
                 rows.append({"target": target, "attack": attack, "auc": r["auc"], "auc_ci": r["ci"]["auc"],

@@ -23,36 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.durable import fsync_dir, write_json
+from shared.workers import barrier, world
 
 SEED_STRIDE = 1_000_003        # batch b of seed s draws from seed s + b * SEED_STRIDE; batch 0 from s itself
 
 
 def batch_generator(seed: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + batch * SEED_STRIDE)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process: torch.distributed's when a process group is up, else (0, 1)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def join_workers() -> None:
-    """Start the process group when launched by torchrun (WORLD_SIZE > 1); CPU workers talk over gloo,
-    GPU workers over NCCL."""
-    import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def barrier() -> None:
-    if world()[1] > 1:
-        import torch.distributed as dist
-        dist.barrier()
 
 
 class BatchStore:

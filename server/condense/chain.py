@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.condense.batches import BatchStore, barrier, batch_generator, world
+from server.condense.batches import BatchStore, batch_generator
+from shared.workers import barrier, world
 from server.condense.guidance import parse_guidance_terms, teacher_guidance
 from server.condense.selection import plan_and_select, soft_labels
 from shared.cache import to_jsonable

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from shared.models.first_encoder import Decoder, FirstEncoder
 from shared.models.noise_estimators import NoiseEstimators, make_scheduler
 from shared.models.second_encoder import SecondEncoder
 from shared.progress import progress
+from shared.workers import agreed, average_gradients, barrier, mean_over_workers, my_slice, world
 
 
 def _batches(n: int, batch_size: int, steps: int, seed: int):
@@ -131,10 +133,11 @@ def load_or_train_autoencoder(images: torch.Tensor, cfg: AutoencoderConfig, devi
 
 
 # ---------------------------------------------------------------- chain
-def _noise_loss(e2, estimators, sched, z0: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+def _noise_loss(e2, estimators, sched, z0: torch.Tensor, t: int | torch.Tensor,
+                eps: torch.Tensor | None = None) -> torch.Tensor:
     """Noise-prediction loss; `t` an int (one module) or per-sample steps (shared layout). The target
     is the noise, or its velocity re-parameterisation when the scheduler says so (make_scheduler)."""
-    eps = torch.randn_like(z0)
+    eps = torch.randn_like(z0) if eps is None else eps
     steps = t if torch.is_tensor(t) else torch.full((len(z0),), t, dtype=torch.long, device=z0.device)
     z_t = sched.add_noise(z0, eps, steps)
     target = sched.get_velocity(z0, eps, steps) if sched.config.prediction_type == "v_prediction" else eps
@@ -149,6 +152,9 @@ def _noise_loss(e2, estimators, sched, z0: torch.Tensor, t: int | torch.Tensor) 
 
 def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device,
                  curve: list | None = None) -> tuple[SecondEncoder, NoiseEstimators]:
+    """E2 and the shared estimator. Under torchrun every worker draws the whole batch (indices, steps and noise,
+    from the same seeds), trains on its slice and averages gradients: N workers follow one worker's run, up to
+    the order of floating-point sums."""
     torch.manual_seed(cfg.seed)
     c, s = latents.shape[1], latents.shape[-1]
     e2 = SecondEncoder(c, cfg.second_encoder_channels, cfg.condition_tokens, cfg.cross_attention_dim).to(device)
@@ -159,14 +165,18 @@ def train_shared(latents: torch.Tensor, cfg: ChainConfig, device: torch.device,
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     bar = progress(_batches(len(latents), cfg.batch_size, cfg.shared_steps, cfg.seed), total=cfg.shared_steps, desc="chain (shared)", unit="step")
     curve = [] if curve is None else curve
+    params, mine = [*e2.parameters(), *est.parameters()], my_slice(cfg.batch_size)
     for step, idx in enumerate(bar):
         steps = torch.randint(0, cfg.T, (len(idx),), generator=gen).to(device)
-        loss = _noise_loss(e2, est, sched, latents[idx].to(device), steps)
+        z0 = latents[idx].to(device)
+        eps = torch.randn_like(z0)
+        loss = _noise_loss(e2, est, sched, z0[mine], steps[mine], eps[mine])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         opt.step()
         lr.step()
-        _record(bar, curve, step, loss, "loss")
+        _record(bar, curve, step, mean_over_workers(loss) if step % 25 == 0 else loss, "loss")
     return e2.eval(), est.eval()
 
 
@@ -213,22 +223,27 @@ def load_or_train_chain(latents: torch.Tensor, cfg: ChainConfig, device: torch.d
     start, key, used = time.time(), fingerprint(latents), None
     shared_cfg = replace(cfg, layout="shared", module_steps=0)
     shared_path = cache_dir("chain", shared_cfg, key)
-    with building(shared_path):
-        if not shared_path.exists() and committed:
+    lead = world()[0] == 0                        # under torchrun: rank 0 holds the entry; every worker trains
+    with building(shared_path) if lead else nullcontext():
+        if lead and not shared_path.exists() and committed:
             used = install("chain", shared_path, config=to_jsonable(shared_cfg), **committed)
-        if not shared_path.exists():
+        if agreed(not shared_path.exists()):
             curve = []
             e2, est = train_shared(latents, shared_cfg, device, curve)
-            _save(shared_path, {"second_encoder": e2, "noise_estimators": est},
-                  {"config": to_jsonable(shared_cfg), "curves": {"chain_loss": curve}})
+            if lead:
+                _save(shared_path, {"second_encoder": e2, "noise_estimators": est},
+                      {"config": to_jsonable(shared_cfg), "curves": {"chain_loss": curve}})
+    barrier()
     path = shared_path
     if cfg.layout == "separate":
         path = cache_dir("chain", cfg, key, SEPARATE_RECIPE)
-        with building(path):
-            if not path.exists():
-                e2, est = load_chain(shared_path, device)
-                sep = finetune_separate(latents, cfg, e2, est, device)
-                _save(path, {"noise_estimators": sep}, {"config": to_jsonable(cfg), "second_encoder": shared_path.name})
+        if lead:                                  # T short fine-tunes, one after another: one worker
+            with building(path):
+                if not path.exists():
+                    e2, est = load_chain(shared_path, device)
+                    sep = finetune_separate(latents, cfg, e2, est, device)
+                    _save(path, {"noise_estimators": sep}, {"config": to_jsonable(cfg), "second_encoder": shared_path.name})
+        barrier()
     e2, est = load_chain(path, device)
     return e2, est, {"path": str(path), "seconds": time.time() - start, **({"committed": used} if used else {})}
 
