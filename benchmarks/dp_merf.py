@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from benchmarks.dp_sgd import native_pixels
 from client.privacy import secure_normal
+from shared.data import pad_black
 from shared.progress import progress
 
 
@@ -61,12 +62,13 @@ class MERFRelease:
     records: int
 
 
-def release_embedding(private, num_classes: int, sigma: float, w: torch.Tensor, chunk: int = 4096) -> MERFRelease:
+def release_embedding(private, num_classes: int, sigma: float, w: torch.Tensor, native: int = 28,
+                      chunk: int = 4096) -> MERFRelease:
     """The one release: the private split's embedding sum plus N(0, sigma^2) per entry (sensitivity 2 under
     replace-one, labels inside), over the public record count."""
     total = torch.zeros(w.shape[0] * 2, num_classes)
     for lo in range(0, len(private.labels), chunk):
-        x = native_pixels(private.images[lo:lo + chunk])
+        x = native_pixels(private.images[lo:lo + chunk], native)
         total += embed(x, nn.functional.one_hot(private.labels[lo:lo + chunk].long(), num_classes).float(), w)
     if sigma > 0:
         total += secure_normal(tuple(total.shape)) * sigma
@@ -122,9 +124,7 @@ def sample(gen: ConvCondGenerator, ipc: int, num_classes: int, image_size: int, 
     y = torch.arange(num_classes).repeat_interleave(ipc)
     with torch.no_grad():
         x = gen(y, torch.Generator().manual_seed(seed)) * 2 - 1
-    pad = image_size - x.shape[-1]
-    x = nn.functional.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-1.0)
-    return x, y
+    return pad_black(x, image_size), y
 
 
 def dp_merf_sets(private, num_classes: int, sigma: float, ipc: int, seeds, image_size: int,
@@ -133,7 +133,7 @@ def dp_merf_sets(private, num_classes: int, sigma: float, ipc: int, seeds, image
     start, sets, info = time.time(), [], []
     for s in seeds:
         w = frequencies(cfg, cfg.native ** 2, seed=10_000 + s)
-        release = release_embedding(private, num_classes, sigma, w)
+        release = release_embedding(private, num_classes, sigma, w, cfg.native)
         gen, losses = fit_generator(release, w, num_classes, cfg, seed=s)
         sets.append(sample(gen, ipc, num_classes, image_size, seed=s))
         info.append({"seed": s, "noise_std_on_mean": release.noise_std, "loss_first": losses[0],

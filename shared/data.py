@@ -101,7 +101,11 @@ class Dataset:
 
 def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (N, H, W) -> float (N, 1, size, size) in [-1, 1], zero-padded (black) to `size`."""
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
+    return pad_black(torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1), size)
+
+
+def pad_black(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1], centred in `size` x `size` with black (-1) borders."""
     pad = size - x.shape[-1]
     if pad < 0:
         raise ValueError(f"image_size {size} is smaller than the images ({x.shape[-1]})")
