@@ -34,6 +34,8 @@ from server.condense.private_target import (CENTRAL_NEIGHBOURING, EmbeddingBank,
                                             release_class_means)
 from server.condense.pretrain import load_or_train_autoencoder, load_or_train_chain
 from server.distill.evaluate import LabelledSet, evaluate_sets
+from server.distill.student import fit_and_score
+from server.distill.teacher import load_or_train_teacher
 from server.pipeline import committed_match, released_pool, server_teacher
 from shared.accounting import ImageRelease, calibrate, noise_for_epsilon
 from shared.config import DemoConfig
@@ -47,6 +49,7 @@ PUBLISHED = {  # Fashion-MNIST; central DP unless said otherwise (each paper's t
     "DP-SGD on ScatterNet features, eps 3 (Tramer & Boneh, ICLR 2021)": 89.7,
 }
 CENTRAL_ARMS = ("ours", "dp_merf", "dp_sgd")
+KD_SUFFIX = "_kd"                        # result arms scored by the teacher-KD student rather than the standard protocol
 
 
 @dataclass
@@ -69,6 +72,7 @@ class PrivacyCurveConfig:
     dp_merf: DPMERFConfig = DPMERFConfig()
     dp_sgd: DPSGDConfig = DPSGDConfig()
     dp_sgd_seeds: tuple = (0,)           # ~10 min per model on 2 CPU cores at the published 40 epochs
+    teacher_kd: bool = False             # central: also score each set by the teacher-KD student (the public teacher)
 
 
 def device_releases(ds, latents: torch.Tensor, release, cfg: PrivacyCurveConfig) -> ImageSplit:
@@ -120,13 +124,15 @@ class CurveRun:
         self.clean = encode_images(self.e1, ds.private.images, device=dev)
         self.public = ImageSplit(encode_images(self.e1, ds.public.images, device=dev), ds.public.labels, ds.public.ids)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = out_dir / f"fmnist-privacy-curve-{kind}-{machine_name(dev)}.json"
+        ipc = "" if cfg.ipc == PrivacyCurveConfig.ipc else f"-ipc{cfg.ipc}"
+        self.path = out_dir / f"fmnist-privacy-curve-{kind}{ipc}-{machine_name(dev)}.json"
         self.doc = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "protocol": "standard", "threat_model": threat_model,
                     "recipe": demo.recipe, "device": device_name(dev), "machine": machine_name(dev),
                     "config": json.loads(json.dumps(asdict(cfg), default=str)), "published": PUBLISHED,
                     "points": [], "results": [], "skipped": []}
         self.start = time.time()
         self.ecfg = replace(demo.evaluation, evaluators=cfg.evaluators, epochs=cfg.epochs)
+        self.kd_teacher = None                                     # set once a public teacher exists (central)
 
     def score(self, sets: list[LabelledSet], point: dict) -> None:
         result = evaluate_sets(sets, self.ds.test, self.ecfg, self.dev)
@@ -134,6 +140,21 @@ class CurveRun:
             arm, seed = name.split("|")
             self.doc["results"].append({**point, "arm": arm, "seed": int(seed[1:]), **r})
         self.save()
+        if self.kd_teacher is not None:
+            self.score_teacher_kd(sets, point)
+
+    def score_teacher_kd(self, sets: list[LabelledSet], point: dict) -> None:
+        """The teacher-KD protocol on each set: the recipe's student distils from `kd_teacher` (trained on the
+        public split only, so the guarantee of a released set carries over) and is scored on the test set."""
+        student = self.demo.student
+        for st in sets:
+            arm, seed = st.name.split("|")
+            r = fit_and_score(st.images, st.labels, self.ds.test, student, self.dev, loss=student.loss,
+                              desc=f"teacher-KD student {st.name}", teacher=self.kd_teacher)
+            self.doc["results"].append({**point, "arm": arm + KD_SUFFIX, "seed": int(seed[1:]), "protocol": "teacher-kd",
+                                        "accuracy": [r["accuracy"]], "mean": r["accuracy"], "std": 0.0,
+                                        "steps": r["steps"], "loss": student.loss, "seconds": r["seconds"]})
+            self.save()
 
     def save(self, complete: bool = False) -> Path:
         self.doc["elapsed_s"] = time.time() - self.start
@@ -166,8 +187,8 @@ class CurveRun:
                        replace(demo.condense, ipc=cfg.ipc, seed=cfg.seeds[0]), dev)
         self.doc["points"].append({"epsilon": 0, "group_size": 0, "seconds": time.time() - start,
                                    "released": len(self.public), "teacher": teacher})
-        self.score([LabelledSet(f"public_only|s{s}", syn.images, syn.labels) for s, syn in zip(cfg.seeds, sets)],
-                   {"epsilon": 0, "group_size": 0})
+        self.public_sets = [LabelledSet(f"public_only|s{s}", syn.images, syn.labels) for s, syn in zip(cfg.seeds, sets)]
+        self.score(self.public_sets, {"epsilon": 0, "group_size": 0})
         return models, chains
 
 
@@ -213,9 +234,9 @@ def run_central_curve(cfg: PrivacyCurveConfig, out_dir: Path) -> Path:
     kind = "central-dp" + ("" if set(cfg.central_arms) == set(CENTRAL_ARMS) else
                            "-" + "-".join(a.replace("_", "") for a in cfg.central_arms))
     run = CurveRun(cfg, out_dir, kind, "trusted server, untrusted consumers (central DP on the server)")
-    run.score(run.random_real(), {"epsilon": "inf", "group_size": 0})
     if "ours" in cfg.central_arms:
         central_release_arm(run)
+    run.score(run.random_real(), {"epsilon": "inf", "group_size": 0})
     for eps in cfg.epsilons:
         if "dp_merf" in cfg.central_arms and not run.over_budget(f"DP-MERF epsilon {eps}"):
             dp_merf_arm(run, eps)
@@ -228,6 +249,10 @@ def central_release_arm(run: CurveRun) -> None:
     """Ours: the public split alone, then per epsilon (and inf) the chain's sets fitted to the release."""
     cfg, demo, ds, dev = run.cfg, run.demo, run.ds, run.dev
     models, chains = run.public_only()
+    if cfg.teacher_kd:                                       # the public teacher; public_only's sets get scored now
+        run.kd_teacher = models["teacher"] or load_or_train_teacher(
+            models, run.public.images, run.public.labels, ds.num_classes, dev, demo.student.teacher_steps)[0]
+        run.score_teacher_kd(run.public_sets, {"epsilon": 0, "group_size": 0})
     central = demo.central                                   # the release's networks and the fit's iterations
     bank = EmbeddingBank(central.nets, central.width, demo.data.seed)
     nets = bank.build(ds.public.images.shape[1], ds.public.images.shape[-1], dev)
@@ -308,6 +333,12 @@ ARM_NAMES = {"ours": "ours (chain + guidance + refinement)", "released_real": "r
              "dp_sgd": "DP-SGD on the private images (a model, not a set)"}
 
 
+def arm_name(arm: str) -> str:
+    if arm.endswith(KD_SUFFIX):
+        return ARM_NAMES.get(arm[:-len(KD_SUFFIX)], arm) + ", teacher-KD student"
+    return ARM_NAMES.get(arm, arm)
+
+
 def markdown(doc: dict) -> str:
     """The curve as a table: one row per epsilon, one column per (group size, arm)."""
     rows = summary(doc)
@@ -318,13 +349,13 @@ def markdown(doc: dict) -> str:
     lines = [f"Standard protocol, IPC {doc['config']['ipc']}, {doc['config']['epochs']} epochs, labels "
              f"{labels}, delta {doc['config']['delta']}; mean ± std over seeds x "
              f"evaluators ({doc['machine']}).", "",
-             "| epsilon | " + " | ".join(f"{f'k={k}: ' if k else ''}{ARM_NAMES.get(a, a)} %" for k, a in cols) + " |",
+             "| epsilon | " + " | ".join(f"{f'k={k}: ' if k else ''}{arm_name(a)} %" for k, a in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for eps in [str(e) for e in sorted(doc["config"]["epsilons"])]:
         cell = {(r["group_size"], r["arm"]): f"{r['mean']:.2f} ± {r['std']:.2f}" for r in rows if r["epsilon"] == eps}
         if cell:
             lines.append(f"| {eps} | " + " | ".join(cell.get(c, "-") for c in cols) + " |")
-    ref = {ARM_NAMES.get(r["arm"], r["arm"]) + (" (epsilon inf)" if r["epsilon"] == "inf" else ""):
+    ref = {arm_name(r["arm"]) + (" (epsilon inf)" if r["epsilon"] == "inf" else ""):
            f"{r['mean']:.2f} ± {r['std']:.2f}" for r in rows if r["epsilon"] in fixed}
     lines += ["", "References: " + ", ".join(f"{a} {v}" for a, v in ref.items())]
     return "\n".join(lines)
@@ -341,13 +372,13 @@ def plot(doc: dict, path: Path) -> None:
         pts = sorted((float(r["epsilon"]), r["mean"], r["std"]) for r in rows
                      if r["epsilon"] not in fixed and r["group_size"] == k and r["arm"] == arm)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=ARM_NAMES.get(arm, arm) + (f", k={k}" if k else ""))
+                    label=arm_name(arm) + (f", k={k}" if k else ""))
     styles = {"random_real": ("grey", "--"), "ours": ("black", "--"), "public_only": ("tab:red", ":"),
               "central": ("black", "--")}
     for r in rows:
         if r["epsilon"] in fixed:
             color, ls = styles.get(r["arm"], ("black", "-."))
-            name = ARM_NAMES.get(r["arm"], r["arm"])
+            name = arm_name(r["arm"])
             ax.axhline(r["mean"], ls=ls, lw=1, color=color,
                        label=name + (", no DP" if r["epsilon"] == "inf" and "no DP" not in name else ""))
     ax.set_xscale("log")

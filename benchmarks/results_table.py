@@ -27,7 +27,8 @@ def _bench_rows(doc: dict, name: str) -> list[list[str]]:
         if r["arm"] == "dm" and f"ipc{r['ipc']}" in dm:
             arm += f" ({dm['ipc' + str(r['ipc'])]['iterations']:,} of its 20,000 iterations)"
         per = f"{cfg['evaluators']} x {seeds} seeds" if r["arm"] != "full_real" else f"{cfg['evaluators']} x 1"
-        rows.append([arm, str(r["ipc"] or "all"), f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
+        ipc = r["ipc"] or ("all" if r["arm"] != "max_coverage" else f"{doc['max_coverage']['synthetic_images']:,} images")
+        rows.append([arm, str(ipc), f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
                      f"standard, {r['epochs']} ep", doc["recipe"], _machine(doc["device"]), per, name])
     return rows
 

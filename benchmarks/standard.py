@@ -32,7 +32,7 @@ from client.encode import encode_images
 from server.condense.chain import condense
 from server.distill.evaluate import LabelledSet, evaluate_sets, train_members
 from server.condense.formation import form
-from server.pipeline import server_teacher
+from server.pipeline import committed_match, server_teacher
 from server.condense.pretrain import load_or_train_autoencoder, load_or_train_chain
 from shared.config import (AutoencoderConfig, ChainConfig, CondenseConfig, DataConfig, EvaluationConfig,
                            StudentConfig)
@@ -109,9 +109,10 @@ def prepare(cfg: StandardBenchConfig, dev: torch.device, run: Run) -> dict:
     ds = load_dataset(cfg.data)
     e1, dec, ae = load_or_train_autoencoder(ds.public.images, cfg.autoencoder, dev)
     pool = ImageSplit(encode_images(e1, ds.private.images, device=dev), ds.private.labels, ds.private.ids)
-    e2, est, chain = load_or_train_chain(pool.images, cfg.chain, dev)
+    committed = committed_match(e1, pool, ds, noised=False)      # the clean private split: committed models fit
+    e2, est, chain = load_or_train_chain(pool.images, cfg.chain, dev, committed)
     models = {"first_encoder": e1, "decoder": dec, "second_encoder": e2, "noise_estimators": est}
-    teacher, t_info = server_teacher(models, pool, ds, cfg.student, dev, cfg.condense.guidance)
+    teacher, t_info = server_teacher(models, pool, ds, cfg.student, dev, cfg.condense.guidance, committed)
     models["teacher"] = teacher
     with torch.no_grad():
         x = ds.test.images[:2000].to(dev)

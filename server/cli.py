@@ -78,6 +78,8 @@ def cmd_student(args) -> int:
     from server.condense.chain import SyntheticSet
     from shared.data import load_dataset
     from shared.device import resolve_device
+    from shared.workers import join_workers, world
+    join_workers()                              # torchrun: the teacher-KD student's batches shared out
     cfg = demo_config(args)
     syn = SyntheticSet.load(Path(args.synthetic))
     ds = load_dataset(cfg.data)
@@ -91,13 +93,25 @@ def cmd_student(args) -> int:
                                ds.test, ecfg, device, work)
     else:
         from server.condense.formation import expand
+        from server.distill.losses import needs_teacher
         from server.distill.student import fit_and_score
+        loss = args.loss or cfg.student.loss
+        teacher = server_teacher_for(ds, cfg, device) if needs_teacher(loss) else None
         images, labels = expand(syn.images, syn.labels, syn.meta.get("formation", 1))
-        result = fit_and_score(images, labels, ds.test, cfg.student, device, loss=args.loss,
+        result = fit_and_score(images, labels, ds.test, cfg.student, device, loss=loss, teacher=teacher,
                                checkpoint=work / "student.pt" if work else None)
-        result["protocol"] = "teacher-kd" if args.loss != "soft_ce" else "soft labels, no teacher"
-    print(json.dumps(result, indent=2))
+        result.update(protocol="teacher-kd" if teacher is not None else "soft labels, no teacher", loss=loss)
+    if world()[0] == 0:
+        print(json.dumps(result, indent=2))
     return 0
+
+
+def server_teacher_for(ds, cfg, device):
+    """The server's teacher (trained on the pooled latents of the private split, or loaded from the cache)."""
+    from server.distill.teacher import load_or_train_teacher
+    from server.pipeline import build_models
+    models, pool, _ = build_models(ds, cfg, device)
+    return load_or_train_teacher(models, pool.images, pool.labels, ds.num_classes, device, cfg.student.teacher_steps)[0]
 
 
 def cmd_distill(args) -> int:
@@ -213,6 +227,8 @@ def cmd_bench_privacy(args) -> int:
         preset["ipc"] = args.ipc[0]
     if args.epochs:
         preset["epochs"] = args.epochs[0]
+    if args.with_teacher_kd:
+        preset["teacher_kd"] = True
     demo = demo_config(args)
     from shared.config import override
     demo = replace(demo, central=override(demo.central, iterations=args.central_iterations))
@@ -399,10 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="standard: evaluator epochs (default 300)")
     p.add_argument("--evaluators", type=int, default=None, help="standard: evaluator seeds (default 5)")
     p.add_argument("--labels", choices=["hard", "soft"], default=None, help="standard: argmax or the set's own labels")
-    p.add_argument("--loss", default="soft_ce", help="teacher-kd: the student's loss spec")
+    p.add_argument("--loss", default=None, help="teacher-kd: the student's loss spec (default: the recipe's, "
+                                                 "e.g. soft_ce:0.25,kd:1; a term but soft_ce distils from the teacher)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="keep the training state here every minute; the same command started again resumes it "
                         "and trains the same model, bit for bit")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher-kd: steps of the server's teacher")
     add_common(p)
     add_student(p)
     p.set_defaults(fn=cmd_student)
@@ -474,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-sgd-seeds", type=int, nargs="+", default=None,
                    help="--privacy-curve --threat-model central: DP-SGD models per epsilon (default 0; ~10 min each "
                         "on 2 CPU cores at the published 40 epochs)")
+    p.add_argument("--with-teacher-kd", action="store_true",
+                   help="--privacy-curve --threat-model central: also score every set by the teacher-KD student, "
+                        "distilling from the teacher trained on the public split (post-processing of the release)")
     p.add_argument("--distill-native", action="store_true",
                    help="every distillation loss in its native setting (benchmarks/distill_native.py): a teacher on "
                         "all training images, small students on a real subset, paired seeds against vanilla KD")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from shared.durable import fsync_dir
+from shared.workers import world
 
 
 class LoopCheckpoint:
@@ -44,8 +45,8 @@ class LoopCheckpoint:
 
     def tick(self, position: int, model, opt, sched, gens: list[torch.Generator]) -> None:
         """After `position` units are done: save when `every_s` seconds have passed since the last save."""
-        if self.path is None or time.time() - self.last < self.every_s:
-            return
+        if self.path is None or time.time() - self.last < self.every_s or world()[0] != 0:
+            return                                   # under torchrun rank 0 writes; every worker restores it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
@@ -59,5 +60,5 @@ class LoopCheckpoint:
         self.last = time.time()
 
     def finish(self) -> None:
-        if self.path is not None:
+        if self.path is not None and world()[0] == 0:
             self.path.unlink(missing_ok=True)

@@ -116,16 +116,20 @@ def test_central_privacy_curve_fits_the_public_chain_to_one_release(tmp_path):
     out = tmp_path / "results"
     assert main(["bench", "--privacy-curve", "--threat-model", "central", "--out", str(out), "--epsilons", "2",
                  "--central-iterations", "3", "--ipc", "2", "--seeds", "0", "--evaluators", "1", "--epochs", "2",
-                 "--central-arms", "ours", *TINY]) == 0
+                 "--central-arms", "ours", "--with-teacher-kd", *TINY]) == 0
     files = sorted(out.glob("fmnist-privacy-curve-central-dp-*.json"))
     assert len(files) == 1 and files[0].with_suffix(".png").stat().st_size > 5000
     doc = json.loads(files[0].read_text())
     assert doc["threat_model"].startswith("trusted server") and doc["complete"]
     noised = next(p for p in doc["points"] if p["epsilon"] == 2.0)
     assert noised["epsilon_pld"] <= 2.0 and noised["noise_multiplier"] > 0 and noised["released"]["records"] == 1500
+    assert files[0].name.startswith("fmnist-privacy-curve-central-dp-ours-ipc2-"), "a non-default IPC names its file"
     arms = {(r["epsilon"], r["arm"]) for r in summary(doc)}
-    assert arms == {("inf", "random_real"), ("0", "public_only"), ("inf", "central"), ("2.0", "central")}
-    assert "labels inside the guarantee" in markdown(doc)
+    standard = {("inf", "random_real"), ("0", "public_only"), ("inf", "central"), ("2.0", "central")}
+    assert arms == standard | {(eps, arm + "_kd") for eps, arm in standard}, "every set also by the teacher-KD student"
+    kd = [r for r in doc["results"] if r.get("protocol") == "teacher-kd"]
+    assert len(kd) == 4 and all(0 < r["mean"] <= 1 and r["loss"] == "soft_ce:0.25,kd:1" for r in kd)
+    assert "labels inside the guarantee" in markdown(doc) and "teacher-KD student" in markdown(doc)
 
 
 def test_central_curve_runs_dp_merf_and_dp_sgd_at_each_epsilon(tmp_path):

@@ -94,3 +94,16 @@ def test_a_central_dp_demo_ships_a_set_whose_ledger_covers_every_pooled_record(t
     assert report["released_pool"]["chain_trained_on"].startswith("public split")
     meta = json.loads((out / "ipc2" / "manifest.json").read_text())
     assert "central-DP" in json.dumps(meta)
+    # the audit of what the trusted server ships: members are the pooled records, non-members test images
+    assert main(["audit", str(out), "--shadows", "1", "--candidates", "40", "--inverter-steps", "5",
+                 "--device", "cpu"]) == 0
+    audit = json.loads((out / "audit" / "audit.json").read_text())
+    assert audit["membership"]["members"] == audit["membership"]["nonmembers"] == 40
+    assert "lira_skipped" in audit["membership"] and "lira_skipped" in audit["shipped"]
+    targets = {(r["target"], r["attack"]) for r in audit["verdict"]["attacks"]}
+    assert {("released set on pooled records", "nearest_synthetic"), ("shipped teacher on training members",
+                                                                      "loss_threshold")} <= targets
+    assert audit["claimed_epsilon"] == report["privacy"]["epsilon"] and audit["verdict"]["status"] != "no claim"
+    assert "trusted server ships" in audit["verdict"]["text"]
+    page = (out / "audit" / "audit.html").read_text()
+    assert "Central DP on the trusted server" in page and "public split alone" in page

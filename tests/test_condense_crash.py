@@ -79,10 +79,10 @@ def test_two_workers_make_the_same_set_as_one(reference, tmp_path):
 
 
 def student(synthetic: Path, work: Path, protocol: str) -> subprocess.Popen:
-    args = (["--epochs", "30", "--evaluators", "1"] if protocol == "standard" else ["--student-steps", "60"])
+    args = (["--epochs", "30", "--evaluators", "1", "--train-limit", "1500", "--test-limit", "200", "--device", "cpu"]
+            if protocol == "standard" else ["--student-steps", "60", *TINY[:-4]])    # the condensing run's teacher
     return subprocess.Popen([sys.executable, "-m", "server.cli", "student", "--synthetic", str(synthetic),
-                             "--protocol", protocol, "--checkpoint-dir", str(work), *args, "--train-limit", "1500",
-                             "--test-limit", "200", "--device", "cpu"], cwd=REPO,
+                             "--protocol", protocol, "--checkpoint-dir", str(work), *args], cwd=REPO,
                             env={**ENV, "FEDCONDENSE_CHECKPOINT_S": "0"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -90,7 +90,10 @@ def student(synthetic: Path, work: Path, protocol: str) -> subprocess.Popen:
 def accuracy(log: str, protocol: str):
     import json
     result = json.loads(log[log.index("{"):])
-    return result["sets"]["synthetic"]["accuracy"] if protocol == "standard" else result["accuracy"]
+    if protocol == "standard":
+        return result["sets"]["synthetic"]["accuracy"]
+    assert result["protocol"] == "teacher-kd" and "kd:" in result["loss"], "the recipe's loss distils from the teacher"
+    return result["accuracy"]
 
 
 @pytest.mark.parametrize("protocol", ["standard", "teacher-kd"])

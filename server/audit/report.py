@@ -55,6 +55,20 @@ def _row(*cells) -> str:
     return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
 
 
+def set_section(mia: dict) -> str:
+    """The page's section on the released set's own membership attacks."""
+    if "members_are" in mia:           # central DP: public latents conditioned the set
+        return f"""<h3>The released synthetic set</h3>
+<p class="note">Members: {mia['members']} pooled private images, each inside the one release the set was fitted to;
+non-members: {mia['nonmembers']} test images. No private latent conditioned the set (public latents did). The target
+student trains on the set alone. {html.escape(mia['lira_skipped'])}.</p>"""
+    return f"""<h3>Conditioning: the synthetic set</h3>
+<p class="note">Members: {mia['members']} real private images whose latents conditioned the synthetic set; non-members:
+{mia['nonmembers']} private images that conditioned nothing. The target student trains on the set's soft labels alone.
+LiRA (offline) uses {mia.get('shadows', 0)} OUT shadow students; the shadows reuse the run's chain, so this measures
+leakage through conditioning and the student.</p>"""
+
+
 def write_report(result: dict, out: Path) -> None:
     out = Path(out)
     mia, inv, mem, shipped = result["membership"], result["inversion"], result["memorisation"], result["shipped"]
@@ -67,15 +81,19 @@ def write_report(result: dict, out: Path) -> None:
     plot_utility(result["privacy_utility"], out / "privacy_utility.png")
     (out / "audit.json").write_text(json.dumps(result, indent=2))
     priv = result.get("privacy") or {"mechanism": "none", "epsilon": "inf"}
+    central = str(priv.get("threat_model", "")).startswith("trusted server")
+    where = f"Central DP on the trusted server ({priv.get('mechanism')})" if central else "Client-side Gaussian mechanism"
     dp = ("No differential privacy was applied: epsilon = inf. Latents were only sealed in transit."
           if priv.get("mechanism") == "none" else
-          f"Client-side Gaussian mechanism: epsilon = {priv['epsilon']:.4g}, delta = {priv['delta']:.2g} per image "
+          f"{where}: epsilon = {priv['epsilon']:.4g}, delta = {priv['delta']:.2g} per record "
           f"({priv['neighbouring']}).")
     attack_rows = "".join(_row(r["target"], r["attack"], f"{r['auc']:.4f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]",
                                f"{r['tpr_at_1pct_fpr']:.4f}", f"{r['tpr_at_0.1pct_fpr']:.4f}",
                                f"{r['epsilon_lower_bound']:.2f}") for r in result["verdict"]["attacks"])
+    trained_on = ("the teacher trained on the public split alone" if central else
+                  "the teacher trained on every pooled latent")
     shipped_note = (shipped["skipped"] if "skipped" in shipped else
-                    f"Members: {shipped['members']} pooled private images (the teacher trained on every pooled latent); "
+                    f"Members: {shipped['members']} pooled private images ({trained_on}); "
                     f"non-members: {shipped['nonmembers']} test images. The shipped student trains with "
                     f"'{shipped['student_loss']}' from the run's teacher. "
                     + (f"LiRA (offline): {shipped['shadows']} OUT shadow teachers retrained without the candidate members, "
@@ -93,11 +111,7 @@ td,th{{border:1px solid #ccc;padding:4px 10px}}img{{max-width:100%;border:1px so
 <p class="note">Epsilon lower bounds: the attack read as a hypothesis test, its threshold chosen on one half of the
 candidates and its error rates bounded by Clopper-Pearson on the other (Jagielski et al. 2020; Nasr et al. 2021), each
 candidate one trial of the game; intervals: 200 bootstrap resamples of members and non-members.</p>
-<h3>Conditioning: the synthetic set</h3>
-<p class="note">Members: {mia['members']} real private images whose latents conditioned the synthetic set; non-members:
-{mia['nonmembers']} private images that conditioned nothing. The target student trains on the set's soft labels alone.
-LiRA (offline) uses {mia.get('shadows', 0)} OUT shadow students; the shadows reuse the run's chain, so this measures
-leakage through conditioning and the student.</p>
+{set_section(mia)}
 <p><img src="roc.png" alt="ROC curves"></p>
 <h3>Training: the shipped teacher and student</h3><p class="note">{html.escape(shipped_note)}</p>
 <p><img src="roc_shipped.png" alt="ROC curves of the shipped models"></p>

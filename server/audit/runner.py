@@ -111,11 +111,16 @@ class AuditContext:
         self.decoder_config = dict(Decoder.load_config(self.autoencoder / "decoder"))
         privacy = self.report.get("privacy") or {}
         self.noised = privacy.get("mechanism", "none") != "none"
+        self.central = str(privacy.get("threat_model", "")).startswith("trusted server")
         self.claimed_epsilon = privacy.get("epsilon") if self.noised else None
         self.delta = privacy.get("delta") if self.noised else default_delta(len(self.ds.private))
-        used = resolve_real_index(self.report, self.ds, self.synthetic.conditioning.flatten().unique(), self.run)
-        unused = torch.from_numpy(np.setdiff1d(np.arange(len(self.ds.private)), used.numpy()))
-        self.members, self.nonmembers = used, unused
+        if self.central:       # public latents conditioned the set; every pooled record entered through the release
+            self.members = pooled_positions(self.report, self.ds, self.run)
+            self.nonmembers = torch.empty(0, dtype=torch.long)
+        else:
+            used = resolve_real_index(self.report, self.ds, self.synthetic.conditioning.flatten().unique(), self.run)
+            unused = torch.from_numpy(np.setdiff1d(np.arange(len(self.ds.private)), used.numpy()))
+            self.members, self.nonmembers = used, unused
 
     def candidates(self, n: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
         g = torch.Generator().manual_seed(seed)
@@ -141,6 +146,36 @@ def membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
     return out
 
 
+def central_membership(ctx: AuditContext, candidates: int) -> dict:
+    """Central DP: every pooled record entered the shipped artifacts through the one release, and no private
+    latent conditioned the set. Members: pooled private images; non-members: test images, which nothing saw.
+    Attacked: the released set (nearest synthetic image) and a student trained on the set alone."""
+    x, y, is_member, _ = pooled_against_test(ctx, candidates)
+    target = train_student(ctx.synthetic.images, ctx.synthetic.labels, ctx.student_cfg, ctx.device, desc="target")
+    return {"members": int(is_member.sum()), "nonmembers": int((1 - is_member).sum()),
+            "members_are": "pooled private records (non-members: test images)",
+            "loss_threshold": attacks.attack_figures(attacks.example_scores(target, x, y), is_member, ctx.delta),
+            "released_set": {"nearest_synthetic": attacks.attack_figures(
+                attacks.nearest_synthetic_scores(x.cpu(), ctx.synthetic.images), is_member, ctx.delta)},
+            "lira_skipped": CENTRAL_LIRA_SKIPPED}
+
+
+CENTRAL_LIRA_SKIPPED = ("central DP: OUT shadows would repeat the release and the set's fit without the candidates; the "
+                        "audit does not rebuild them, so only shadow-free attacks run")
+
+
+def pooled_against_test(ctx: AuditContext, candidates: int, seed: int = 1):
+    """n pooled private images (members) and n test images (non-members): images, labels, membership."""
+    pooled = pooled_positions(ctx.report, ctx.ds, ctx.run)
+    g = torch.Generator().manual_seed(seed)
+    n = min(candidates, len(pooled), len(ctx.ds.test))
+    member_idx = pooled[torch.randperm(len(pooled), generator=g)[:n]]
+    other_idx = torch.randperm(len(ctx.ds.test), generator=g)[:n]
+    x = torch.cat([ctx.ds.private.images[member_idx], ctx.ds.test.images[other_idx]]).to(ctx.device)
+    y = torch.cat([ctx.ds.private.labels[member_idx], ctx.ds.test.labels[other_idx]]).to(ctx.device)
+    return x, y, np.r_[np.ones(n), np.zeros(n)], member_idx
+
+
 def _lira(target_scores: np.ndarray, shadow_out: np.ndarray, is_member: np.ndarray, delta: float) -> dict:
     """LiRA offline's ROC figures, with the bootstrap intervals and epsilon bound of its statistic."""
     lira = attacks.lira_offline(target_scores, shadow_out, is_member)
@@ -158,21 +193,17 @@ def shipped_membership(ctx: AuditContext, shadows: int, candidates: int) -> dict
     if "teacher" not in models:
         return {"skipped": "the run trained no teacher (its student loss and sampling use none)"}
     teacher = models["teacher"]
-    pooled = pooled_positions(ctx.report, ctx.ds, ctx.run)
-    g = torch.Generator().manual_seed(1)
-    n = min(candidates, len(pooled), len(ctx.ds.test))
-    member_idx = pooled[torch.randperm(len(pooled), generator=g)[:n]]
-    other_idx = torch.randperm(len(ctx.ds.test), generator=g)[:n]
-    x = torch.cat([ctx.ds.private.images[member_idx], ctx.ds.test.images[other_idx]]).to(ctx.device)
-    y = torch.cat([ctx.ds.private.labels[member_idx], ctx.ds.test.labels[other_idx]]).to(ctx.device)
-    is_member = np.r_[np.ones(n), np.zeros(n)]
+    x, y, is_member, member_idx = pooled_against_test(ctx, candidates)
+    n = len(member_idx)
     student = shipped_student(ctx, teacher, ctx.student_cfg.seed)
     targets = {"teacher": teacher, "student": student}
     out = {"members": n, "nonmembers": n, "student_loss": ctx.student_cfg.loss}
     scores = {name: attacks.example_scores(model, x, y) for name, model in targets.items()}
     for name in targets:
         out[name] = {"loss_threshold": attacks.attack_figures(scores[name], is_member, ctx.delta)}
-    if shadows > 0 and ctx.noised:
+    if shadows > 0 and ctx.central:
+        out["lira_skipped"] = CENTRAL_LIRA_SKIPPED
+    elif shadows > 0 and ctx.noised:
         out["lira_skipped"] = ("the run's teacher trained on the devices' noised, filtered release; OUT shadows would "
                                "have to be trained on such a release too, which the audit does not rebuild")
     elif shadows > 0:
@@ -296,7 +327,7 @@ def run_audit(run: Path, device: torch.device, shadows: int = 4, candidates: int
     figures.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run), "mode": ctx.report["mode"], "privacy": ctx.report.get("privacy"),
               "claimed_epsilon": ctx.claimed_epsilon, "delta": ctx.delta,
-              "membership": membership(ctx, shadows, candidates),
+              "membership": central_membership(ctx, candidates) if ctx.central else membership(ctx, shadows, candidates),
               "shipped": shipped_membership(ctx, shadows, candidates),
               "inversion": inversion(ctx, inverter_steps, 200, figures),
               "memorisation": memorisation(ctx, figures),
@@ -310,8 +341,9 @@ def run_audit(run: Path, device: torch.device, shadows: int = 4, candidates: int
 
 def attack_rows(result: dict) -> list[dict]:
     """Every attack the audit ran: target, attack, AUC with its interval, TPR at 0.1 % FPR, epsilon bound."""
-    targets = [("student (soft labels) on conditioning members", result["membership"]),
-               ("released set on conditioning members", result["membership"].get("released_set", {}))]
+    members = "pooled records" if "members_are" in result["membership"] else "conditioning members"
+    targets = [(f"student (soft labels) on {members}", result["membership"]),
+               (f"released set on {members}", result["membership"].get("released_set", {}))]
     shipped = result.get("shipped", {})
     targets += [(f"shipped {name} on training members", shipped[name]) for name in ("teacher", "student") if name in shipped]
     rows = []
@@ -341,8 +373,12 @@ def verdict(result: dict) -> dict:
         status = "no claim"
     else:
         refuted = strongest["epsilon_lower_bound"] > claimed
-        text = (f"Claimed: epsilon = {claimed:.3g}, delta = {result['delta']:.2g} per image, for every field a device "
-                f"releases; the teacher, the set and the student are post-processing of that release. {attack} "
+        central = str((result.get("privacy") or {}).get("threat_model", "")).startswith("trusted server")
+        scope = ("per pooled record (image and label), for what the trusted server ships: the set, the student and "
+                 "the teacher are post-processing of its one release and of the public split" if central else
+                 "per image, for every field a device releases; the teacher, the set and the student are "
+                 "post-processing of that release")
+        text = (f"Claimed: epsilon = {claimed:.3g}, delta = {result['delta']:.2g} {scope}. {attack} "
                 + ("This exceeds the claim: the claim is REFUTED and must not be signed."
                    if refuted else "This is within the claim: the attacks do not refute it (an audit can refute a claim, "
                                    "never prove one)."))

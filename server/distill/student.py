@@ -22,6 +22,7 @@ from shared.device import autocast
 from shared.models.distill_points import FeatureTap
 from shared.models.students import build_student
 from shared.progress import progress
+from shared.workers import average_gradients, mean_over_workers, my_slice
 
 
 def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfig, device: torch.device,
@@ -37,6 +38,9 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     for the teacher at `teacher_view_strength` of its magnitude (1: the same view; docs/spec.md §2's MI loss:
     a weaker one); the teacher's logits and both networks' distillation-point features reach the losses.
     A teacher that no term of `loss` consults (plain soft_ce) is ignored: callers pass theirs unconditionally.
+
+    Under torchrun every worker draws the whole batch and its augmentations, trains on its slice of the rows
+    and averages gradients (shared/workers.py): N workers follow one worker's run, up to the order of sums.
     """
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} labels")
@@ -61,23 +65,27 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
                                                      loss, state_fingerprint(teacher), str(device)]))
     first = state.restore(_Trained(model, terms), opt, sched, [gen])
     model.train()
+    mine = my_slice(batch)                      # under torchrun: this worker's rows of every batch
     for step in progress(range(first, steps), desc=desc, unit="step", initial=first, total=steps):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x = images[idx].to(device)
         draws = gen.get_state()
         with autocast(device, cpu_bf16=True):
-            inp = LossInputs(model(augment(x, 1.0, gen)).float(), targets[idx].to(device), progress=step / steps)
+            inp = LossInputs(model(augment(x, 1.0, gen)[mine]).float(), targets[idx][mine].to(device),
+                             progress=step / steps)
             if teacher is not None:
                 with torch.no_grad():
-                    inp.teacher_logits = teacher(augment(x, teacher_strength, torch.Generator().set_state(draws))).float()
+                    view = augment(x, teacher_strength, torch.Generator().set_state(draws))[mine]
+                    inp.teacher_logits = teacher(view).float()
                 inp.student_features, inp.teacher_features = taps[0].value, taps[1].value
             values = [module(inp) for module, _ in terms]
             total = sum(w * v for (_, w), v in zip(terms, values))
-        if not torch.isfinite(total):
+        if not torch.isfinite(mean_over_workers(total)):
             raise FloatingPointError(f"student loss '{loss}' became {total.item()} at step {step}: training diverged; "
                                      f"lower the learning rate or that term's weight (e.g. soft_ce:1,kd:0.5)")
         opt.zero_grad(set_to_none=True)
         total.backward()
+        average_gradients(params)
         if trace is not None and step % trace_every == 0:
             trace.append(_trace_row(step, names, values, model))
         opt.step()
