@@ -87,6 +87,7 @@ def test_federation_bench_measures_each_fleet_size(tmp_path):
     assert "| iid | 4 | 4 |" in markdown(doc)
 
 
+@pytest.mark.slow       # `make test-all` (~3 min); `make test` keeps the central curve's two tests below
 def test_privacy_curve_scores_each_epsilon_and_group_size(tmp_path):
     """The local-DP curve at tiny scale: each (epsilon, k) point releases through the device's own function,
     condenses the filtered pool with a chain trained on the public split, and is scored beside the
