@@ -13,6 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 FIGURES = ("roc.png", "roc_shipped.png", "inversion.png", "memorisation.png", "closest_pairs.png", "privacy_utility.png")
 
 
+def is_central(privacy: dict | None) -> bool:
+    """Whether a run's privacy entry is the trusted-server (central DP) threat model (server/pipeline.py)."""
+    return str((privacy or {}).get("threat_model", "")).startswith("trusted server")
+
+
 def plot_roc(curves: dict, path: Path, title: str = "Membership inference") -> None:
     """`curves`: label -> attack result (its fpr, tpr, auc)."""
     fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -81,7 +86,7 @@ def write_report(result: dict, out: Path) -> None:
     plot_utility(result["privacy_utility"], out / "privacy_utility.png")
     (out / "audit.json").write_text(json.dumps(result, indent=2))
     priv = result.get("privacy") or {"mechanism": "none", "epsilon": "inf"}
-    central = str(priv.get("threat_model", "")).startswith("trusted server")
+    central = is_central(priv)
     where = f"Central DP on the trusted server ({priv.get('mechanism')})" if central else "Client-side Gaussian mechanism"
     dp = ("No differential privacy was applied: epsilon = inf. Latents were only sealed in transit."
           if priv.get("mechanism") == "none" else

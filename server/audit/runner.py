@@ -15,6 +15,7 @@ import torch
 
 from client.privacy import gaussian_mechanism
 from server.audit import attacks
+from server.audit.report import is_central
 from server.condense.chain import SyntheticSet, condense, save_grid
 from server.condense.pretrain import load_chain
 from server.distill.student import train_student
@@ -111,7 +112,7 @@ class AuditContext:
         self.decoder_config = dict(Decoder.load_config(self.autoencoder / "decoder"))
         privacy = self.report.get("privacy") or {}
         self.noised = privacy.get("mechanism", "none") != "none"
-        self.central = str(privacy.get("threat_model", "")).startswith("trusted server")
+        self.central = is_central(privacy)
         self.claimed_epsilon = privacy.get("epsilon") if self.noised else None
         self.delta = privacy.get("delta") if self.noised else default_delta(len(self.ds.private))
         if self.central:       # public latents conditioned the set; every pooled record entered through the release
@@ -146,6 +147,10 @@ def membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
     return out
 
 
+CENTRAL_LIRA_SKIPPED = ("central DP: OUT shadows would repeat the release and the set's fit without the candidates; the "
+                        "audit does not rebuild them, so only shadow-free attacks run")
+
+
 def central_membership(ctx: AuditContext, candidates: int) -> dict:
     """Central DP: every pooled record entered the shipped artifacts through the one release, and no private
     latent conditioned the set. Members: pooled private images; non-members: test images, which nothing saw.
@@ -158,10 +163,6 @@ def central_membership(ctx: AuditContext, candidates: int) -> dict:
             "released_set": {"nearest_synthetic": attacks.attack_figures(
                 attacks.nearest_synthetic_scores(x.cpu(), ctx.synthetic.images), is_member, ctx.delta)},
             "lira_skipped": CENTRAL_LIRA_SKIPPED}
-
-
-CENTRAL_LIRA_SKIPPED = ("central DP: OUT shadows would repeat the release and the set's fit without the candidates; the "
-                        "audit does not rebuild them, so only shadow-free attacks run")
 
 
 def pooled_against_test(ctx: AuditContext, candidates: int, seed: int = 1):
@@ -373,7 +374,7 @@ def verdict(result: dict) -> dict:
         status = "no claim"
     else:
         refuted = strongest["epsilon_lower_bound"] > claimed
-        central = str((result.get("privacy") or {}).get("threat_model", "")).startswith("trusted server")
+        central = is_central(result.get("privacy"))
         scope = ("per pooled record (image and label), for what the trusted server ships: the set, the student and "
                  "the teacher are post-processing of its one release and of the public split" if central else
                  "per image, for every field a device releases; the teacher, the set and the student are "
