@@ -57,7 +57,7 @@ class StandardBenchConfig:
     arms: tuple = ARMS
     epochs: tuple = (300, 1000)                     # 1000-epoch rows for the IPCs in `long_ipcs`
     long_ipcs: tuple = (10,)
-    long_arms: tuple = ("ours", "ours_formed_refined", "random_real", "dm")
+    long_arms: tuple = ("ours_refined", "ours_formed_refined", "random_real", "dm")
     evaluators: int = 5
     dm_iterations: int = 20_000
     dm_ipcs: tuple = (10,)                          # DM at its published settings costs minutes per IPC

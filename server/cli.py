@@ -193,6 +193,8 @@ def cmd_bench_standard(args, harness) -> int:
             preset[key] = getattr(args, key)
     if args.epochs:
         preset["epochs"] = tuple(args.epochs)
+    if args.max_coverage is not None:
+        preset["max_coverage"] = bool(args.max_coverage)
     if args.full_epochs is not None:
         preset["full_epochs"] = int(args.full_epochs)
     cfg = StandardBenchConfig(data=base.data, autoencoder=base.autoencoder, chain=base.chain, condense=base.condense,
@@ -460,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, nargs="+", default=None, help="standard protocol: evaluator epochs")
     p.add_argument("--evaluators", type=int, default=None, help="standard protocol: evaluators per set")
     p.add_argument("--refine-iterations", type=int, default=None, help="standard protocol: refined arms' iterations")
+    p.add_argument("--max-coverage", action=argparse.BooleanOptionalAction, default=None,
+                   help="standard protocol: also condense and score the max-coverage set, every private latent "
+                        "once (default: on at --scale full, off below; ~70 min on 2 CPU cores)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="standard protocol: stop starting work after this many seconds (what is cut is listed)")
     p.add_argument("--federation", action="store_true",
