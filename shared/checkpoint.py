@@ -6,6 +6,10 @@ started again with the same `key` (a fingerprint of its inputs and settings) res
 continues from the position, so the trained model is bit-identical to an uninterrupted run's; a file
 written under another key is ignored and replaced. The file goes when the loop finishes.
 `FEDCONDENSE_CHECKPOINT_S` sets the interval (default 60 s; 0: after every unit).
+
+Under torchrun a loop is either shared (every worker trains the same model on its slice of each batch:
+rank 0 writes, every worker restores) or the worker's own (`own=True`: e.g. one evaluator pass among many,
+written and removed by the worker that runs it).
 """
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ from shared.workers import world
 
 
 class LoopCheckpoint:
-    def __init__(self, path: Path | None, key: str, every_s: float | None = None):
+    def __init__(self, path: Path | None, key: str, every_s: float | None = None, own: bool = False):
         if every_s is None:
             every_s = float(os.environ.get("FEDCONDENSE_CHECKPOINT_S", "60"))
         self.path, self.key, self.every_s = (Path(path) if path else None), key, every_s
+        self.writes = own or world()[0] == 0          # a shared loop: rank 0 writes, every worker restores
         self.last = time.time()
         self.restored_at = 0
 
@@ -45,8 +50,8 @@ class LoopCheckpoint:
 
     def tick(self, position: int, model, opt, sched, gens: list[torch.Generator]) -> None:
         """After `position` units are done: save when `every_s` seconds have passed since the last save."""
-        if self.path is None or time.time() - self.last < self.every_s or world()[0] != 0:
-            return                                   # under torchrun rank 0 writes; every worker restores it
+        if self.path is None or time.time() - self.last < self.every_s or not self.writes:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
@@ -60,5 +65,5 @@ class LoopCheckpoint:
         self.last = time.time()
 
     def finish(self) -> None:
-        if self.path is not None and world()[0] == 0:
+        if self.path is not None and self.writes:
             self.path.unlink(missing_ok=True)

@@ -2,8 +2,9 @@
 is, and the few collective steps the server's work needs. Without a process group every helper is the
 identity of one worker, so the same code runs alone and under torchrun.
 
-Users: the chain's batches (server/condense/batches.py: shared out by index) and the chain's training
-(server/condense/pretrain.py: each worker takes a slice of every batch, gradients averaged).
+Users: the chain's batches (server/condense/batches.py: shared out by index); the chain's, the teacher's
+and the teacher-KD student's training (each worker takes a slice of every batch, gradients averaged); the
+standard protocol's evaluators (server/distill/evaluate.py: whole passes shared out, accuracies gathered).
 """
 from __future__ import annotations
 
@@ -70,6 +71,16 @@ def mean_over_workers(value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)
     return value / world()[1]
+
+
+def gathered(value) -> list:
+    """Every worker's `value` (any picklable object), in rank order, on every worker."""
+    if world()[1] == 1:
+        return [value]
+    import torch.distributed as dist
+    box = [None] * world()[1]
+    dist.all_gather_object(box, value)
+    return box
 
 
 def my_slice(n: int) -> slice:

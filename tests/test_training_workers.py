@@ -2,7 +2,8 @@
 gloo on CPU), in real processes: every worker draws the whole batch (indices, steps and noise; jitter;
 augmentations; the teacher's dropout mask), trains on its slice and averages gradients, so two workers follow
 one worker's run up to the order of floating-point sums; rank 0 holds and writes the cache entries, every
-worker loads them and ends with the same weights."""
+worker loads them and ends with the same weights. The standard protocol's evaluator passes are shared out
+whole, so two workers score every evaluator exactly as one does."""
 import json
 import os
 import socket
@@ -45,22 +46,44 @@ torch.save({"chain": {**e2.state_dict(), **{"est." + k: v for k, v in est.state_
 """
 
 
+EVALUATE = """
+import json, sys, torch
+from types import SimpleNamespace
+from server.distill.evaluate import LabelledSet, evaluate_sets
+from shared.config import EvaluationConfig
+from shared.workers import join_workers, world
+join_workers()
+gen = torch.Generator().manual_seed(0)
+labels = torch.nn.functional.one_hot(torch.arange(10).repeat(2), 10).float()
+sets = [LabelledSet(f"set{i}", torch.rand(20, 1, 16, 16, generator=gen) * 2 - 1, labels) for i in range(2)]
+test = SimpleNamespace(images=torch.rand(200, 1, 16, 16, generator=gen) * 2 - 1,
+                       labels=torch.randint(0, 10, (200,), generator=gen))
+result = evaluate_sets(sets, test, EvaluationConfig(epochs=4, evaluators=3, width=16), torch.device("cpu"),
+                       work=sys.argv[2])
+if world()[0] == 0:
+    open(sys.argv[1], "w").write(json.dumps(result))
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def train(tmp: Path, name: str, workers: int, seed: int = 0) -> list[dict]:
-    script = tmp / "training_workers.py"
-    script.write_text(SCRIPT)
+def launch(tmp: Path, source: str, name: str, workers: int, *args: str) -> None:
+    script = tmp / f"{name}.py"
+    script.write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDCONDENSE_PROGRESS": "0", "PYTHONPATH": str(REPO),
            "FEDCONDENSE_CACHE": str(tmp / f"cache-{name}"), "FEDCONDENSE_CHECKPOINT_S": "0"}
     launcher = [sys.executable] if workers == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                                                       str(workers), "--master-port", str(_free_port())]
-    done = subprocess.run([*launcher, str(script), str(tmp / name), str(seed)], cwd=REPO, env=env, capture_output=True,
-                          timeout=300)
+    done = subprocess.run([*launcher, str(script), *args], cwd=REPO, env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+
+
+def train(tmp: Path, name: str, workers: int, seed: int = 0) -> list[dict]:
+    launch(tmp, SCRIPT, name, workers, str(tmp / name), str(seed))
     return [torch.load(f"{tmp / name}.rank{r}", weights_only=False) for r in range(workers)]
 
 
@@ -84,3 +107,19 @@ def test_two_workers_train_the_chain_teacher_and_student_one_worker_trains(tmp_p
     assert (entry / "teacher.pt").exists() and not (entry / "training.pt").exists(), \
         "rank 0 wrote the teacher's entry and removed the loop's checkpoint"
     assert two[1]["teacher_info"]["steps"] == 12
+
+
+def test_two_workers_share_out_the_evaluators_and_score_them_as_one_worker(tmp_path):
+    """2 sets x 3 evaluators = 6 passes (one member each on the CPU): each worker trains three, and every
+    evaluator's accuracy is the one a lone worker gets; each worker's pass checkpoints are its own and go."""
+    scores = {}
+    for workers in (1, 2):
+        launch(tmp_path, EVALUATE, f"evaluate{workers}", workers, str(tmp_path / f"{workers}.json"),
+               str(tmp_path / f"work{workers}"))
+        scores[workers] = json.loads((tmp_path / f"{workers}.json").read_text())
+        assert not list((tmp_path / f"work{workers}").glob("*.pt")), "every pass removed its checkpoint"
+    assert [p["worker"] for p in scores[2]["passes"]] == [0, 1, 0, 1, 0, 1] and scores[2]["workers"] == 2
+    assert {p["worker"] for p in scores[1]["passes"]} == {0}
+    for name in ("set0", "set1"):
+        assert scores[2]["sets"][name]["accuracy"] == scores[1]["sets"][name]["accuracy"]
+    assert scores[1]["sets"]["set0"]["accuracy"] != scores[1]["sets"]["set1"]["accuracy"]

@@ -5,6 +5,11 @@ set, mean and std over evaluator seeds. `--protocol standard` of `fedcondense st
 Evaluators of sets of equal size train side by side in one `EnsembleConvNet` (a member is initialised
 and trained exactly as a lone ConvNet would be), so a GPU trains dozens in one pass. An epoch is one
 shuffled pass over the set in batches of 256; the learning rate drops x0.1 at half the epochs.
+
+Under torchrun (`torchrun --nproc-per-node N -m server.cli student --protocol standard ...`) the passes are
+shared out, pass i to worker i mod N, and the accuracies gathered: a pass's seed and members do not depend on
+which worker trains it, so N workers score every evaluator as one worker does (bit for bit on the CPU with
+one thread per worker, `tests/test_training_workers.py`).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from shared.config import EvaluationConfig
 from shared.device import autocast
 from shared.models.students import EnsembleConvNet
 from shared.progress import progress
+from shared.workers import gathered, world
 
 
 @dataclass
@@ -48,7 +54,7 @@ def members_per_pass(cfg: EvaluationConfig, device: torch.device) -> int:
 
 
 def train_members(xs: torch.Tensor, ys: torch.Tensor, cfg: EvaluationConfig, device: torch.device, seed: int,
-                  desc: str = "evaluators", checkpoint: Path | None = None) -> EnsembleConvNet:
+                  desc: str = "evaluators", checkpoint: Path | None = None, own: bool = False) -> EnsembleConvNet:
     """xs (M, N, C, S, S), ys (M, N, K): member m trains on set m for cfg.epochs. With `checkpoint`, the
     loop's state is kept there every minute and a restarted call resumes it (shared/checkpoint.py)."""
     m, n, c, s, _ = xs.shape
@@ -60,7 +66,7 @@ def train_members(xs: torch.Tensor, ys: torch.Tensor, cfg: EvaluationConfig, dev
     xs, ys = xs.to(device), ys.to(device)
     rows = torch.arange(m, device=device)[:, None]
     state = LoopCheckpoint(checkpoint, config_hash([fingerprint(xs), fingerprint(ys), to_jsonable(cfg), seed,
-                                                     str(device)]))
+                                                     str(device)]), own=own)
     first = state.restore(net, opt, sched, [gen])
     net.train()
     for epoch in progress(range(first, cfg.epochs), desc=desc, unit="epoch", initial=first, total=cfg.epochs):
@@ -108,21 +114,30 @@ def evaluate_sets(sets: list[LabelledSet], test, cfg: EvaluationConfig, device: 
     by_shape: dict = {}
     for job in jobs:
         by_shape.setdefault(tuple(job[2].shape) + (job[3].shape[1],), []).append(job)
-    acc: dict = {st.name: [None] * cfg.evaluators for st in sets}
     width = members_per_pass(cfg, device)
-    for shape, group in by_shape.items():
-        for lo in range(0, len(group), width):
-            part = group[lo:lo + width]
-            net = train_members(torch.stack([j[2] for j in part]), torch.stack([j[3] for j in part]), cfg, device,
-                                seed=cfg.seed + 1000 * lo + shape[0], desc=f"evaluators x{len(part)} on {shape[0]} images",
-                                checkpoint=Path(work) / f"pass-{shape[0]}-{lo}.pt" if work else None)
-            for (name, e, _, _), a in zip(part, member_accuracy(net, test.images, test.labels, device)):
-                acc[name][e] = a
+    passes = [(shape, lo, group[lo:lo + width]) for shape, group in by_shape.items() for lo in range(0, len(group), width)]
+    rank, workers = world()
+    mine = []                                               # (set name, evaluator, accuracy, pass index)
+    for i, (shape, lo, part) in enumerate(passes):
+        if i % workers != rank:
+            continue
+        net = train_members(torch.stack([j[2] for j in part]), torch.stack([j[3] for j in part]), cfg, device,
+                            seed=cfg.seed + 1000 * lo + shape[0], desc=f"evaluators x{len(part)} on {shape[0]} images",
+                            checkpoint=Path(work) / f"pass-{shape[0]}-{lo}.pt" if work else None, own=workers > 1)
+        mine += [(name, e, a, i) for (name, e, _, _), a in zip(part, member_accuracy(net, test.images, test.labels,
+                                                                                    device))]
+    acc: dict = {st.name: [None] * cfg.evaluators for st in sets}
+    trained_by = [None] * len(passes)
+    for worker, scored in enumerate(gathered(mine)):
+        for name, e, a, i in scored:
+            acc[name][e], trained_by[i] = a, worker
     out = {}
     for st in sets:
         a = torch.tensor(acc[st.name])
         out[st.name] = {"accuracy": acc[st.name], "mean": float(a.mean()),
                         "std": float(a.std()) if len(a) > 1 else 0.0, "training_images": len(st.images) * st.factor ** 2,
                         "stored_images": len(st.images), "factor": st.factor}
-    return {"sets": out, "seconds": time.time() - start, "protocol": "standard",
+    return {"sets": out, "seconds": time.time() - start, "protocol": "standard", "workers": workers,
+            "passes": [{"images": shape[0], "members": len(part), "worker": w}
+                       for (shape, _, part), w in zip(passes, trained_by)],
             "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
