@@ -17,9 +17,9 @@ from shared.models.students import build_student
 K = 10
 
 
-def inputs(student_logits, teacher_logits=None, fs=None, ft=None, targets=None):
+def inputs(student_logits, teacher_logits=None, fs=None, ft=None, targets=None, progress=1.0):
     targets = targets if targets is not None else F.one_hot(torch.arange(len(student_logits)) % K, K).float()
-    return LossInputs(student_logits, targets, teacher_logits, fs, ft)
+    return LossInputs(student_logits, targets, teacher_logits, fs, ft, progress=progress)
 
 
 @pytest.mark.parametrize("name", LOSSES.names())
@@ -31,7 +31,8 @@ def test_gradients_reach_the_student(name):
     logits = student(x)
     teacher_feat = torch.randn(8, 256, 8, 8) if name.startswith("channel") else torch.randn(8, 64, 4, 4)
     loss_fn = LOSSES[name](K, student_channels=128, teacher_channels=teacher_feat.shape[1])
-    loss = loss_fn(inputs(logits, torch.randn(8, K), tap.value, teacher_feat))
+    at = 0.0 if name.startswith("channel") else 1.0           # the channel terms' hint stage: the first steps
+    loss = loss_fn(inputs(logits, torch.randn(8, K), tap.value, teacher_feat, progress=at))
     loss.backward()
     grads = [p.grad for p in student.parameters()]
     assert torch.isfinite(loss) and any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -255,3 +256,29 @@ def test_a_feature_term_alone_carries_its_warning(caplog):
     flagged = [line.split()[0] for line, nxt in zip(listing.splitlines(), listing.splitlines()[1:])
                if nxt.strip().startswith("!")]
     assert flagged == ["attention", "channel_maxpool", "channel_random", "channel_sparse", "dkd", "mi_prior"]
+
+
+@pytest.mark.parametrize("rule", ["sparse", "random", "maxpool"])
+def test_channel_matching_is_a_hint_stage_that_ends_under_its_threshold_or_budget(rule):
+    """docs/spec.md §5: the term trains until its distance falls under a threshold (10 % of its first value
+    here) or its step budget (half the steps) runs out; then it is zero, and the stage's state is a buffer,
+    so a student resumed from a checkpoint stays in the same stage."""
+    from server.distill.channel_matching import ChannelMatching
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 4, 4, 4, generator=gen)
+    ft = base.repeat(1, 4, 1, 1)                   # every rule's target for a student near `base` is `base`
+    term = ChannelMatching(10, rule)
+    inputs = lambda fs, progress: LossInputs(torch.zeros(8, 10), torch.zeros(8, 10), torch.zeros(8, 10), fs, ft,
+                                             progress=progress)
+    far = torch.randn(8, 4, 4, 4, generator=gen) * 3
+    first = term(inputs(far, 0.0))
+    assert first > 0 and term(inputs(far * 0.9, 0.1)) > 0 and bool(term.active)
+    restored = ChannelMatching(10, rule)
+    restored.load_state_dict(term.state_dict())
+    near = base + 0.01 * torch.randn(8, 4, 4, 4, generator=gen)
+    for module in (term, restored):
+        assert float(module(inputs(near, 0.2))) < 0.1 * float(first), "the step that crosses still counts"
+        assert not bool(module.active) and float(module(inputs(far, 0.3))) == 0.0
+    budget = ChannelMatching(10, rule)
+    assert budget(inputs(far, 0.0)) > 0 and float(budget(inputs(far, 0.5))) == 0.0
+    assert float(budget(inputs(far, 0.1))) == 0.0, "once over, the stage stays over"

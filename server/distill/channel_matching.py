@@ -9,6 +9,11 @@ channel i and teacher channel j is the mean squared difference of their maps ove
   picked at random.
 - `maxpool`: same grouping as `random`; the target is the element-wise max over the group.
 Matching carries no gradient; the loss is the MSE between each student channel and its target.
+
+As §5 says, the term trains "until the distance falls under a threshold (or a step budget)": it is a hint
+stage, as in FitNets. It is applied until its distance falls under `stop_fraction` of its first value or
+`budget` of the training steps have run, and is zero from then on (the state is a buffer, so a resumed
+student continues the same stage).
 """
 from __future__ import annotations
 
@@ -81,17 +86,27 @@ def target_maxpool(fs, ft, generator=None) -> torch.Tensor:
 
 
 class ChannelMatching(nn.Module):
-    def __init__(self, num_classes: int, rule: str = "sparse", **_):
+    def __init__(self, num_classes: int, rule: str = "sparse", stop_fraction: float = 0.1, budget: float = 0.5, **_):
         super().__init__()
-        self.rule = MATCH_RULES[rule]
+        self.rule, self.stop_fraction, self.budget = MATCH_RULES[rule], stop_fraction, budget
+        self.register_buffer("first", torch.tensor(float("nan")))       # the distance at the first step
+        self.register_buffer("active", torch.tensor(True))              # the hint stage is still on
 
     def forward(self, inp: LossInputs) -> torch.Tensor:
         fs, ft = inp.need_features("channel matching")
+        if not bool(self.active) or inp.progress >= self.budget:
+            self.active.fill_(False)
+            return fs.sum() * 0.0
         if fs.shape[-2:] != ft.shape[-2:]:
             ft = F.adaptive_avg_pool2d(ft, fs.shape[-2:])
         if ft.shape[1] < fs.shape[1]:
             raise ValueError(f"channel matching needs teacher channels >= student channels ({ft.shape[1]} < {fs.shape[1]})")
-        return F.mse_loss(fs, self.rule(fs, ft).detach())
+        loss = F.mse_loss(fs, self.rule(fs, ft).detach())
+        if torch.isnan(self.first):
+            self.first.fill_(float(loss.detach()))
+        elif float(loss.detach()) < self.stop_fraction * float(self.first):
+            self.active.fill_(False)
+        return loss
 
 
 RULE_DOCS = {"sparse": "one teacher channel per student channel (Hungarian matching on channel distances)",
@@ -102,7 +117,8 @@ RULE_DOCS = {"sparse": "one teacher channel per student channel (Hungarian match
 def _channel_loss(rule: str):
     def make(num_classes, **ctx):
         return ChannelMatching(num_classes, rule)
-    make.__doc__ = f"Channel matching at the distillation point (docs/spec.md §5), rule '{rule}': {RULE_DOCS[rule]}."
+    make.__doc__ = (f"Channel matching at the distillation point (docs/spec.md §5), rule '{rule}': {RULE_DOCS[rule]}; "
+                    "a hint stage, on until its distance is under 10 % of its first value or half the steps ran.")
     make.caveat = FEATURE_ONLY_CAVEAT
     return make
 
