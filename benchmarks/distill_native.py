@@ -143,17 +143,39 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
                     r = {"accuracy": None, "diverged": str(exc), "seconds": 0.0}
                 rows.append({"student": student, "method": method, "seed": seed, "trace": trace, **r})
                 print(f"{student} {method} seed {seed}: {r['accuracy']}", flush=True)
-    doc = {"protocol": "native: teacher on all training images, student on a real subset of "
-                       f"{cfg.per_class} per class, {cfg.steps} steps",
-           "config": to_jsonable(asdict(cfg)), "teacher": teacher_info, "machine": machine_name(dev),
-           "rows": rows, "summary": summarise(rows, cfg.methods, cfg.students),
-           "created": time.strftime("%Y-%m-%d %H:%M")}
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"fmnist-distill-native-{'-'.join(cfg.students)}-{machine_name(dev)}.json"
+    config = to_jsonable(asdict(cfg))
+    rows, methods = merged_rows(path, config, rows)
+    config["methods"] = methods
+    doc = {"protocol": "native: teacher on all training images, student on a real subset of "
+                       f"{cfg.per_class} per class, {cfg.steps} steps",
+           "config": config, "teacher": teacher_info, "machine": machine_name(dev),
+           "rows": rows, "summary": summarise(rows, methods, cfg.students),
+           "created": time.strftime("%Y-%m-%d %H:%M")}
     path.write_text(json.dumps(doc, indent=1))
     path.with_suffix(".md").write_text(markdown(doc))
     plot(doc, path.with_suffix(".png"))
     return path
+
+
+def merged_rows(path: Path, config: dict, rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """A run of some methods updates an earlier file of the same setting (teacher, data, students, subset,
+    steps, seeds): the methods run now replace their rows, the other methods' rows are kept, each row
+    stamped with when it was measured. Returns the rows and the methods in the order of METHODS."""
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    rows = [{**r, "measured": stamp} for r in rows]
+    if not path.exists():
+        return rows, list(config["methods"])
+    old = json.loads(path.read_text())
+    same = {k: v for k, v in old["config"].items() if k != "methods"} == {k: v for k, v in config.items() if k != "methods"}
+    if not same:
+        return rows, list(config["methods"])
+    fresh = set(config["methods"])
+    kept = [{"measured": old.get("created"), **r} for r in old["rows"] if r["method"] not in fresh]
+    methods = [m for m in METHODS if m in fresh or m in old["config"]["methods"]]
+    order = {m: i for i, m in enumerate(methods)}
+    return sorted(kept + rows, key=lambda r: (r["student"], r["seed"], order[r["method"]])), methods
 
 
 def markdown(doc: dict) -> str:

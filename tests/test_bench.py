@@ -1,5 +1,6 @@
 """Smoke test of the bench harness at tiny scale: JSON, plot, table from the JSON."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -177,6 +178,15 @@ def test_distill_native_bench_pairs_every_method_with_kd(tmp_path):
     gap = [a - b for a, b in zip(rows["dkd"]["accuracies"], rows["kd"]["accuracies"])]
     assert rows["dkd"]["vs_kd"]["mean"] == pytest.approx(sum(gap) / 2)
     assert "| convnet3_w32 | ddkd |" in markdown(doc)
+    # a later run of some methods in the same setting replaces their rows and keeps the others'
+    again = run_native_distill(replace(cfg, methods=("kd", "channel_sparse")), tmp_path)
+    merged = json.loads(again.read_text())
+    assert again == path and merged["config"]["methods"] == ["ce", "kd", "dkd", "ddkd", "channel_sparse"]
+    assert {(r["method"], r["seed"]) for r in merged["rows"]} == \
+        {(m, s) for m in (*cfg.methods, "channel_sparse") for s in (0, 1)}
+    kd = lambda d: [r["accuracy"] for r in d["rows"] if r["method"] == "kd"]
+    assert kd(merged) == kd(doc)                                     # paired seeds reproduce a row exactly
+    assert {r["method"] for r in merged["summary"]} == set(merged["config"]["methods"])
 
 
 def test_distill_synthetic_bench_pairs_every_method_with_soft_labels_and_kd(tmp_path):
