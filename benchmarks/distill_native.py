@@ -146,7 +146,7 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"fmnist-distill-native-{'-'.join(cfg.students)}-{machine_name(dev)}.json"
     config = to_jsonable(asdict(cfg))
-    rows, methods = merged_rows(path, config, rows)
+    rows, methods = merged_rows(path, config, teacher_info, rows)
     config["methods"] = methods
     doc = {"protocol": "native: teacher on all training images, student on a real subset of "
                        f"{cfg.per_class} per class, {cfg.steps} steps",
@@ -159,17 +159,18 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
     return path
 
 
-def merged_rows(path: Path, config: dict, rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """A run of some methods updates an earlier file of the same setting (teacher, data, students, subset,
-    steps, seeds): the methods run now replace their rows, the other methods' rows are kept, each row
-    stamped with when it was measured. Returns the rows and the methods in the order of METHODS."""
+def merged_rows(path: Path, config: dict, teacher: dict, rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """A run of some methods updates an earlier file of the same setting (data, students, subset, steps,
+    seeds, and a teacher of the same test accuracy): the methods run now replace their rows, the other
+    methods' rows are kept, each row stamped with when it was measured. Returns the rows and the methods
+    in the order of METHODS."""
     stamp = time.strftime("%Y-%m-%d %H:%M")
     rows = [{**r, "measured": stamp} for r in rows]
     if not path.exists():
         return rows, list(config["methods"])
     old = json.loads(path.read_text())
     same = {k: v for k, v in old["config"].items() if k != "methods"} == {k: v for k, v in config.items() if k != "methods"}
-    if not same:
+    if not same or old["teacher"].get("accuracy") != teacher.get("accuracy"):
         return rows, list(config["methods"])
     fresh = set(config["methods"])
     kept = [{"measured": old.get("created"), **r} for r in old["rows"] if r["method"] not in fresh]
