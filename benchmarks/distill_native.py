@@ -146,7 +146,12 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"fmnist-distill-native-{'-'.join(cfg.students)}-{machine_name(dev)}.json"
     config = to_jsonable(asdict(cfg))
-    rows, methods = merged_rows(path, config, teacher_info, rows)
+    merged = merged_rows(path, config, teacher_info, rows)
+    if merged is None:                           # another setting's file: keep it, write beside it
+        path = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M')}.json")
+        print(f"{path.name}: the file of this name holds another setting (teacher, data or seeds); kept as is")
+        merged = merged_rows(path, config, teacher_info, rows)
+    rows, methods = merged
     config["methods"] = methods
     doc = {"protocol": "native: teacher on all training images, student on a real subset of "
                        f"{cfg.per_class} per class, {cfg.steps} steps",
@@ -159,11 +164,11 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
     return path
 
 
-def merged_rows(path: Path, config: dict, teacher: dict, rows: list[dict]) -> tuple[list[dict], list[str]]:
+def merged_rows(path: Path, config: dict, teacher: dict, rows: list[dict]) -> tuple[list[dict], list[str]] | None:
     """A run of some methods updates an earlier file of the same setting (data, students, subset, steps,
     seeds, and a teacher of the same test accuracy): the methods run now replace their rows, the other
     methods' rows are kept, each row stamped with when it was measured. Returns the rows and the methods
-    in the order of METHODS."""
+    in the order of METHODS; None where the file holds another setting."""
     stamp = time.strftime("%Y-%m-%d %H:%M")
     rows = [{**r, "measured": stamp} for r in rows]
     if not path.exists():
@@ -171,7 +176,7 @@ def merged_rows(path: Path, config: dict, teacher: dict, rows: list[dict]) -> tu
     old = json.loads(path.read_text())
     same = {k: v for k, v in old["config"].items() if k != "methods"} == {k: v for k, v in config.items() if k != "methods"}
     if not same or old["teacher"].get("accuracy") != teacher.get("accuracy"):
-        return rows, list(config["methods"])
+        return None
     fresh = set(config["methods"])
     kept = [{"measured": old.get("created"), **r} for r in old["rows"] if r["method"] not in fresh]
     methods = [m for m in METHODS if m in fresh or m in old["config"]["methods"]]

@@ -187,6 +187,10 @@ def test_distill_native_bench_pairs_every_method_with_kd(tmp_path):
     kd = lambda d: [r["accuracy"] for r in d["rows"] if r["method"] == "kd"]
     assert kd(merged) == kd(doc)                                     # paired seeds reproduce a row exactly
     assert {r["method"] for r in merged["summary"]} == set(merged["config"]["methods"])
+    # a run in another setting leaves the file as it is and writes beside it
+    other = run_native_distill(replace(cfg, methods=("kd",), steps=4), tmp_path)
+    assert other != path and json.loads(path.read_text()) == merged
+    assert json.loads(other.read_text())["config"]["methods"] == ["kd"]
 
 
 def test_distill_synthetic_bench_pairs_every_method_with_soft_labels_and_kd(tmp_path):
