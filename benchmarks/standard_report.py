@@ -20,7 +20,8 @@ def markdown(doc: dict) -> str:
     cfg = doc["config"]
     lines = [f"Standard protocol (ConvNet-3 from scratch on the set alone, hard labels, DSA augmentation, full test set), "
              f"recipe `{doc['recipe']}`, {doc['device']}, {doc['created']}. Mean ± std over {cfg['evaluators']} evaluators "
-             f"x condensation seeds {cfg['seeds']}. DM: {cfg['dm_iterations']} iterations at IPC {cfg['dm_ipcs']}.", ""]
+             f"x condensation seeds {cfg['seeds']}." + (f" DM: {cfg['dm_iterations']} iterations at IPC {cfg['dm_ipcs']}."
+                                                          if "dm" in cfg["arms"] else ""), ""]
     head = "| arm | " + " | ".join(f"IPC {i}, {e} ep" for i in ipcs for e in epochs) + " |"
     lines += [head, "|---" * (1 + len(ipcs) * len(epochs)) + "|"]
     for arm in ORDER:
