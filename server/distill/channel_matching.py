@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from server.distill.registry import FEATURE_ONLY_CAVEAT, LOSSES, LossInputs
 from shared.registry import Registry
+from shared.workers import mean_over_workers
 
 MATCH_RULES: Registry = Registry("channel matching rule")
 PAD = 1e12
@@ -102,9 +103,10 @@ class ChannelMatching(nn.Module):
         if ft.shape[1] < fs.shape[1]:
             raise ValueError(f"channel matching needs teacher channels >= student channels ({ft.shape[1]} < {fs.shape[1]})")
         loss = F.mse_loss(fs, self.rule(fs, ft).detach())
+        distance = float(mean_over_workers(loss.detach()))      # under torchrun every worker ends the stage together
         if torch.isnan(self.first):
-            self.first.fill_(float(loss.detach()))
-        elif float(loss.detach()) < self.stop_fraction * float(self.first):
+            self.first.fill_(distance)
+        elif distance < self.stop_fraction * float(self.first):
             self.active.fill_(False)
         return loss
 
