@@ -145,19 +145,18 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
                 print(f"{student} {method} seed {seed}: {r['accuracy']}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"fmnist-distill-native-{'-'.join(cfg.students)}-{machine_name(dev)}.json"
-    config = to_jsonable(asdict(cfg))
+    config, stamp = to_jsonable(asdict(cfg)), time.strftime("%Y-%m-%d %H:%M")
+    rows = [{**r, "measured": stamp} for r in rows]
     merged = merged_rows(path, config, teacher_info, rows)
     if merged is None:                           # another setting's file: keep it, write beside it
         path = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M')}.json")
         print(f"{path.name}: the file of this name holds another setting (teacher, data or seeds); kept as is")
-        merged = merged_rows(path, config, teacher_info, rows)
-    rows, methods = merged
+    rows, methods = merged or (rows, list(config["methods"]))
     config["methods"] = methods
     doc = {"protocol": "native: teacher on all training images, student on a real subset of "
                        f"{cfg.per_class} per class, {cfg.steps} steps",
            "config": config, "teacher": teacher_info, "machine": machine_name(dev),
-           "rows": rows, "summary": summarise(rows, methods, cfg.students),
-           "created": time.strftime("%Y-%m-%d %H:%M")}
+           "rows": rows, "summary": summarise(rows, methods, cfg.students), "created": stamp}
     path.write_text(json.dumps(doc, indent=1))
     path.with_suffix(".md").write_text(markdown(doc))
     plot(doc, path.with_suffix(".png"))
@@ -167,10 +166,8 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
 def merged_rows(path: Path, config: dict, teacher: dict, rows: list[dict]) -> tuple[list[dict], list[str]] | None:
     """A run of some methods updates an earlier file of the same setting (data, students, subset, steps,
     seeds, and a teacher of the same test accuracy): the methods run now replace their rows, the other
-    methods' rows are kept, each row stamped with when it was measured. Returns the rows and the methods
-    in the order of METHODS; None where the file holds another setting."""
-    stamp = time.strftime("%Y-%m-%d %H:%M")
-    rows = [{**r, "measured": stamp} for r in rows]
+    methods' rows are kept with when they were measured. Returns the rows and the methods in the order of
+    METHODS; None where the file holds another setting."""
     if not path.exists():
         return rows, list(config["methods"])
     old = json.loads(path.read_text())
