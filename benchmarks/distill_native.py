@@ -36,9 +36,12 @@ METHODS = {
     "attention": ("soft_ce:1,attention:1", "docs/spec.md §4; Zagoruyko & Komodakis 2017: beta 1000"),
     "mixed": ("soft_ce:0.1,mixed:1", "docs/spec.md §4: 0.5 KL + 0.3 feature MSE + 0.2 attention MSE, the seed's "
                                      "whole loss; the task term at KD's weight 0.1"),
-    "channel_sparse": ("soft_ce:1,channel_sparse:1", "docs/spec.md §5 rule 1: Hungarian, one teacher channel each"),
-    "channel_random": ("soft_ce:1,channel_random:1", "docs/spec.md §5 rule 2: a random channel of the matched group"),
-    "channel_maxpool": ("soft_ce:1,channel_maxpool:1", "docs/spec.md §5 rule 3: max over the matched group"),
+    "channel_sparse": ("soft_ce:1,channel_sparse:1", "docs/spec.md §5 rule 1: Hungarian, one teacher channel each; "
+                                                     "FitNets' hint stage first"),
+    "channel_random": ("soft_ce:1,channel_random:1", "docs/spec.md §5 rule 2: a random channel of the matched group; "
+                                                     "FitNets' hint stage first"),
+    "channel_maxpool": ("soft_ce:1,channel_maxpool:1", "docs/spec.md §5 rule 3: max over the matched group; "
+                                                       "FitNets' hint stage first"),
 }
 # a feature term is also used on top of KD, as the attention-transfer paper reports AT+KD and FitNets trains
 # with KD after its hint stage: the same term added to the KD row's loss, so the paired difference to KD

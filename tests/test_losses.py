@@ -282,3 +282,31 @@ def test_channel_matching_is_a_hint_stage_that_ends_under_its_threshold_or_budge
     budget = ChannelMatching(10, rule)
     assert budget(inputs(far, 0.0)) > 0 and float(budget(inputs(far, 0.5))) == 0.0
     assert float(budget(inputs(far, 0.1))) == 0.0, "once over, the stage stays over"
+
+
+def test_channel_hint_stage_runs_first_on_the_layers_up_to_the_distillation_point():
+    """FitNets' first stage: before the task training, the student's layers up to the distillation point learn
+    the channel term alone (its distance falls; the classifier after the point is untouched), and the stage is
+    then over for the rest of training."""
+    from server.distill.channel_matching import ChannelMatching
+    from server.distill.student import _hint_stage
+    from shared.augment import AUGMENTATIONS
+    from shared.config import StudentConfig
+    torch.manual_seed(0)
+    x = torch.rand(32, 1, 32, 32) * 2 - 1
+    student, teacher = build_student("convnet3_w32", 1, K), build_student("convnet3", 1, K).eval()
+    taps = FeatureTap(student, "convnet3_w32"), FeatureTap(teacher, "convnet3")
+    hint = ChannelMatching(K, "sparse")
+
+    def distance():
+        with torch.no_grad():
+            student.eval(), student(x), teacher(x), student.train()
+            return float(F.mse_loss(taps[0].value, taps[1].value[:, torch.as_tensor(
+                sparse_assignment(channel_distances(taps[0].value, taps[1].value).numpy()))]))
+
+    before, head = distance(), student.classifier.weight.clone()
+    _hint_stage(student, teacher, taps, hint, x, StudentConfig(model="convnet3_w32", batch_size=16, lr=0.05),
+                torch.device("cpu"), steps=120, batch=16, augment=AUGMENTATIONS["none"])
+    assert distance() < 0.5 * before
+    assert torch.equal(student.classifier.weight, head), "the stage trains only the layers up to the point"
+    assert not bool(hint.active) and hint.runs_first

@@ -11,9 +11,12 @@ channel i and teacher channel j is the mean squared difference of their maps ove
 Matching carries no gradient; the loss is the MSE between each student channel and its target.
 
 As §5 says, the term trains "until the distance falls under a threshold (or a step budget)": it is a hint
-stage, as in FitNets. It is applied until its distance falls under `stop_fraction` of its first value or
-`budget` of the training steps have run, and is zero from then on (the state is a buffer, so a resumed
-student continues the same stage).
+stage, as in FitNets (Romero et al., ICLR 2015). By default (`runs_first`) it is FitNets' first stage: before
+the task training, the student's layers up to the distillation point learn the term alone until its distance
+falls under `stop_fraction` of its first value or `budget` x the training steps have run
+(server/distill/student.py `_hint_stage`); the task training then starts from them and the term is zero.
+With `runs_first=False` the stage runs inside the task training instead, the term added to the other terms
+until the same threshold or budget. Either way the state is a buffer, so a resumed student stays in its stage.
 """
 from __future__ import annotations
 
@@ -87,8 +90,10 @@ def target_maxpool(fs, ft, generator=None) -> torch.Tensor:
 
 
 class ChannelMatching(nn.Module):
-    def __init__(self, num_classes: int, rule: str = "sparse", stop_fraction: float = 0.1, budget: float = 0.5, **_):
+    def __init__(self, num_classes: int, rule: str = "sparse", stop_fraction: float = 0.1, budget: float = 0.5,
+                 runs_first: bool = True, **_):
         super().__init__()
+        self.runs_first = runs_first
         self.rule, self.stop_fraction, self.budget = MATCH_RULES[rule], stop_fraction, budget
         self.register_buffer("first", torch.tensor(float("nan")))       # the distance at the first step
         self.register_buffer("active", torch.tensor(True))              # the hint stage is still on
@@ -120,7 +125,8 @@ def _channel_loss(rule: str):
     def make(num_classes, **ctx):
         return ChannelMatching(num_classes, rule)
     make.__doc__ = (f"Channel matching at the distillation point (docs/spec.md §5), rule '{rule}': {RULE_DOCS[rule]}; "
-                    "a hint stage, on until its distance is under 10 % of its first value or half the steps ran.")
+                    "a hint stage before the task training (FitNets), until its distance is under 10 % of its first "
+                    "value or for half as many steps.")
     make.caveat = FEATURE_ONLY_CAVEAT
     return make
 

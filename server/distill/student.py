@@ -65,6 +65,9 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
                                                      loss, state_fingerprint(teacher), str(device)]))
     first = state.restore(_Trained(model, terms), opt, sched, [gen])
     model.train()
+    for module, _ in terms if taps and first == 0 else ():
+        if getattr(module, "runs_first", False):
+            _hint_stage(model, teacher, taps, module, images, cfg, device, steps, batch, augment)
     mine = my_slice(batch)                      # under torchrun: this worker's rows of every batch
     for step in progress(range(first, steps), desc=desc, unit="step", initial=first, total=steps):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
@@ -95,6 +98,36 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     for tap in taps or ():
         tap.remove()
     return model.eval()
+
+
+def _hint_stage(model, teacher, taps, hint, images, cfg: StudentConfig, device, steps: int, batch: int, augment):
+    """FitNets' first stage (Romero et al. 2015): the student's layers up to the distillation point learn the
+    `hint` term alone until it says its stage is over (its threshold or step budget), then the task training
+    starts from them with its own optimiser and schedule. The stage draws from its own generator, so the
+    task stage sees the same batches and augmentations as a run without the hint (paired seeds)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    budget = max(1, int(hint.budget * steps))
+    opt = torch.optim.SGD(model.parameters(), lr=student_lr(cfg, batch), momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, budget)
+    mine = my_slice(batch)
+    for step in progress(range(budget), desc="hint stage", unit="step"):
+        x = images[torch.randint(0, len(images), (batch,), generator=gen)].to(device)
+        with autocast(device, cpu_bf16=True):
+            view = augment(x, 1.0, gen)[mine]
+            logits = model(view).float()
+            with torch.no_grad():
+                teacher(view)
+            loss = hint(LossInputs(logits, logits.detach(), student_features=taps[0].value,
+                                   teacher_features=taps[1].value, progress=step / budget * hint.budget))
+        if not bool(hint.active):
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(list(model.parameters()))
+        opt.step()
+        sched.step()
+    hint.active.fill_(False)
 
 
 def _trace_row(step: int, names: list[str], values: list[torch.Tensor], model: nn.Module) -> dict:
