@@ -13,6 +13,8 @@ NAMES = {"ours_patent": "ours: the gradient-free chain (docs/spec.md §1)", "our
          "ours_mixed_refined": "ours, mixed class plan (soft labels n_c/T) + refinement", "random_real": "random real subset",
          "random_real_formed": "random real, formation x4", "herding": "herding coreset", "k_center": "k-center coreset",
          "dm": "DM", "full_real": "all 54,000 private images", "max_coverage": "ours, max coverage (1/T of the data)",
+         "max_coverage_patent": "ours, max coverage, gradient-free chain",
+         "max_coverage_random_real": "random real, as many images as max coverage",
          "synthetic": "**ours** (the demo's set)"}
 
 
@@ -26,8 +28,9 @@ def _bench_rows(doc: dict, name: str) -> list[list[str]]:
         arm = NAMES.get(r["arm"], r["arm"])
         if r["arm"] == "dm" and f"ipc{r['ipc']}" in dm:
             arm += f" ({dm['ipc' + str(r['ipc'])]['iterations']:,} of its 20,000 iterations)"
-        per = f"{cfg['evaluators']} x {seeds} seeds" if r["arm"] != "full_real" else f"{cfg['evaluators']} x 1"
-        ipc = r["ipc"] or ("all" if r["arm"] != "max_coverage" else f"{doc['max_coverage']['synthetic_images']:,} images")
+        one_set = r["arm"] == "full_real" or r["arm"].startswith("max_coverage")     # one set, seed 0
+        per = f"{cfg['evaluators']} x 1" if one_set else f"{cfg['evaluators']} x {seeds} seeds"
+        ipc = r["ipc"] or ("all" if not r["arm"].startswith("max_coverage") else f"{doc['max_coverage']['synthetic_images']:,} images")
         rows.append([arm, str(ipc), f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
                      f"standard, {r['epochs']} ep", doc["recipe"], _machine(doc["device"]), per, name])
     return rows

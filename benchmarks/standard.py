@@ -9,8 +9,10 @@ Arms per IPC and condensation seed (each scored by `evaluators` ConvNet-3s train
 - `random_real` (equal per-class count), `random_real_formed` (4 real images per stored image, formed
   alike), `herding`, `k_center` (coresets in the features of a ConvNet-3 trained on all the data),
   `dm` (Distribution Matching at its published settings unless `dm_iterations` says otherwise);
-- `full_real`: ConvNet-3s trained on all private images (the upper reference), and `max_coverage`:
-  the 1/T-budget set that uses every private latent once.
+- `full_real`: ConvNet-3s trained on all private images (the upper reference), and the max-coverage arms
+  (`MAX_COVERAGE_ARMS`): the 1/T-budget set that uses every private latent once, condensed as the recipe
+  says (`max_coverage`) or by the gradient-free chain (`max_coverage_patent`), and a random real subset
+  of the same per-class counts (`max_coverage_random_real`).
 Work runs in priority order under `budget_s`; what the budget cuts is listed in the JSON as skipped.
 The JSON is rewritten after every result.
 """
@@ -48,6 +50,8 @@ OURS = {"ours_patent": dict(guidance=0.0), "ours": {}, "ours_refined": dict(refi
         "ours_formed": dict(formation=2), "ours_formed_refined": dict(formation=2, refine=True),
         "ours_mixed_refined": dict(class_plan="mixed", refine=True)}
 ARMS = (*OURS, "random_real", "random_real_formed", "herding", "k_center", "dm")
+MAX_COVERAGE_ARMS = {"max_coverage": {}, "max_coverage_patent": dict(guidance=0.0, refine_iterations=0),
+                     "max_coverage_random_real": None}
 
 
 @dataclass
@@ -65,6 +69,7 @@ class StandardBenchConfig:
     refine_lr: float = 0.01
     full_epochs: int = 20
     max_coverage: bool = True
+    max_coverage_arms: tuple = ("max_coverage",)    # of MAX_COVERAGE_ARMS
     budget_s: float = float("inf")
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -294,14 +299,39 @@ def long_evaluations(ctx, cfg: StandardBenchConfig, dev, run: Run) -> None:
 
 
 def max_coverage(ctx, cfg: StandardBenchConfig, dev, run: Run) -> None:
-    pool = ctx["pool"]
-    ccfg = replace(cfg.condense, ipc=None, max_coverage=True, selection="one-to-one", seed=cfg.seeds[0])
-    syn = condense(pool.images, pool.labels, pool.ids, ctx["ds"].num_classes, ctx["models"], cfg.chain, ccfg, dev)
-    st = LabelledSet(f"max_coverage|ipc0|s{cfg.seeds[0]}", syn.images, syn.labels)
-    run.doc["max_coverage"] = {"synthetic_images": len(syn), "real_latents": syn.meta["real_latents"],
-                               "seconds": syn.meta["seconds"]}
-    record(run, evaluate_sets([st], ctx["ds"].test, replace(cfg.evaluation, evaluators=cfg.evaluators), dev),
-           cfg.evaluation.epochs, "hard")
+    """The max-coverage arms of `cfg.max_coverage_arms`, condensation seed `cfg.seeds[0]`; the random real arm
+    draws as many real images of each class as the condensed max-coverage set holds."""
+    unknown = set(cfg.max_coverage_arms) - set(MAX_COVERAGE_ARMS)
+    if unknown:
+        raise ValueError(f"unknown max-coverage arm(s) {sorted(unknown)}; choose from {' '.join(MAX_COVERAGE_ARMS)}")
+    pool, ds, seed = ctx["pool"], ctx["ds"], cfg.seeds[0]
+    sets, counts = [], None
+    for arm in (a for a in cfg.max_coverage_arms if MAX_COVERAGE_ARMS[a] is not None):
+        ccfg = replace(cfg.condense, ipc=None, max_coverage=True, selection="one-to-one", seed=seed,
+                       **MAX_COVERAGE_ARMS[arm])
+        syn = condense(pool.images, pool.labels, pool.ids, ds.num_classes, ctx["models"], cfg.chain, ccfg, dev)
+        sets.append(LabelledSet(f"{arm}|ipc0|s{seed}", syn.images, syn.labels))
+        counts = torch.bincount(syn.labels.argmax(1), minlength=ds.num_classes)
+        run.doc.setdefault("max_coverage_arms", {})[arm] = {"synthetic_images": len(syn), "real_latents":
+                                                            syn.meta["real_latents"], "seconds": syn.meta["seconds"]}
+        run.doc.setdefault("max_coverage", run.doc["max_coverage_arms"][arm])
+    if "max_coverage_random_real" in cfg.max_coverage_arms:
+        sets.append(random_real_like(ds.private, counts, seed, ds.num_classes, f"max_coverage_random_real|ipc0|s{seed}"))
+    run.save()
+    ecfg = replace(cfg.evaluation, evaluators=cfg.evaluators, epochs=cfg.epochs[0])
+    record(run, evaluate_sets(sets, ds.test, ecfg, dev), ecfg.epochs, "hard")
+
+
+def random_real_like(private: ImageSplit, counts: torch.Tensor | None, seed: int, num_classes: int, name: str
+                     ) -> LabelledSet:
+    """`counts[c]` real images of each class c, drawn with `seed`."""
+    if counts is None:
+        raise ValueError("max_coverage_random_real copies the class counts of a condensed max-coverage arm: "
+                         "list max_coverage or max_coverage_patent with it")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.nonzero(private.labels == c).flatten()[
+        torch.randperm(int((private.labels == c).sum()), generator=gen)[:int(n)]] for c, n in enumerate(counts.tolist())])
+    return LabelledSet(name, private.images[idx], F.one_hot(private.labels[idx], num_classes).float())
 
 
 def run_standard_bench(cfg: StandardBenchConfig, out_dir: Path) -> Path:

@@ -193,10 +193,12 @@ def cmd_bench_standard(args, harness) -> int:
             preset[key] = getattr(args, key)
     if args.epochs:
         preset["epochs"] = tuple(args.epochs)
-    if args.max_coverage is not None:
-        preset["max_coverage"] = bool(args.max_coverage)
+    if args.bench_max_coverage is not None:     # its own dest: the condensation budget of the IPC arms stays an IPC
+        preset["max_coverage"] = bool(args.bench_max_coverage)
     if args.full_epochs is not None:
         preset["full_epochs"] = int(args.full_epochs)
+    if args.max_coverage_arms:
+        preset["max_coverage_arms"] = tuple(args.max_coverage_arms)
     cfg = StandardBenchConfig(data=base.data, autoencoder=base.autoencoder, chain=base.chain, condense=base.condense,
                               student=base.student, recipe=args.recipe, device=base.device, **preset)
     path = run_standard_bench(cfg, Path(args.out))
@@ -462,9 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, nargs="+", default=None, help="standard protocol: evaluator epochs")
     p.add_argument("--evaluators", type=int, default=None, help="standard protocol: evaluators per set")
     p.add_argument("--refine-iterations", type=int, default=None, help="standard protocol: refined arms' iterations")
-    p.add_argument("--max-coverage", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--max-coverage", action=argparse.BooleanOptionalAction, default=None, dest="bench_max_coverage",
                    help="standard protocol: also condense and score the max-coverage set, every private latent "
                         "once (default: on at --scale full, off below; ~70 min on 2 CPU cores)")
+    p.add_argument("--max-coverage-arms", nargs="+", default=None,
+                   choices=["max_coverage", "max_coverage_patent", "max_coverage_random_real"],
+                   help="standard protocol, --max-coverage: which max-coverage sets to score (default max_coverage: "
+                        "the recipe's condensation; _patent: the gradient-free chain; _random_real: as many real "
+                        "images per class)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="standard protocol: stop starting work after this many seconds (what is cut is listed)")
     p.add_argument("--federation", action="store_true",

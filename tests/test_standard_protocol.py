@@ -147,15 +147,21 @@ def test_committed_checkpoints_are_checked_before_use(tmp_path, monkeypatch):
 
 
 def test_standard_bench_smoke(tmp_path):
-    """`fedcondense bench --protocol standard` end to end at tiny scale: every arm, JSON, page, grids."""
+    """`fedcondense bench --protocol standard` end to end at tiny scale: every arm, the max-coverage arms (every
+    private latent once; a random real subset of the same class counts beside it), JSON, page, grids."""
     from server.cli import main
     tiny = ["--train-limit", "1500", "--test-limit", "300", "--T", "5", "--ae-steps", "30", "--chain-steps", "40",
             "--chain-batch", "32", "--module-steps", "2", "--teacher-steps", "10", "--device", "cpu"]
-    assert main(["bench", "--protocol", "standard", "--scale", "smoke", "--out", str(tmp_path), *tiny]) == 0
+    assert main(["bench", "--protocol", "standard", "--scale", "smoke", "--out", str(tmp_path), "--max-coverage",
+                 "--max-coverage-arms", "max_coverage_patent", "max_coverage_random_real", *tiny]) == 0
     doc = json.loads(next(tmp_path.glob("fmnist-standard-*.json")).read_text())
     assert doc["complete"] and doc["protocol"] == "standard"
     arms = {r["arm"] for r in doc["summary"]}
-    assert {"ours_patent", "ours", "ours_refined", "random_real", "herding", "k_center", "dm", "full_real"} <= arms
+    assert {"ours_patent", "ours", "ours_refined", "random_real", "herding", "k_center", "dm", "full_real",
+            "max_coverage_patent", "max_coverage_random_real"} <= arms
+    covered = {r["arm"]: r["training_images"] for r in doc["results"] if r["arm"].startswith("max_coverage")}
+    pool = doc["max_coverage_arms"]["max_coverage_patent"]["real_latents"]
+    assert covered["max_coverage_patent"] == covered["max_coverage_random_real"] >= pool / 5, covered
     assert all(0 <= r["mean"] <= 1 for r in doc["summary"])
     assert (tmp_path / "grids-ipc2" / "ours_refined.png").exists()
     assert "DSA (Zhao & Bilen, ICML 2021)" in next(tmp_path.glob("*.md")).read_text()
