@@ -169,12 +169,13 @@ def real_subset(ds, idx, num_classes: int, name: str, factor: int = 1) -> Labell
     return LabelledSet(name, images, labels, factor)
 
 
-def random_per_class(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+def random_per_class(labels: torch.Tensor, n: int | list[int], seed: int) -> torch.Tensor:
+    """Indices of n random images of each class (or n[c] of class c)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for c in labels.unique().tolist():
         idx = torch.nonzero(labels == c).flatten()
-        out.append(idx[torch.randperm(len(idx), generator=gen)[:n]])
+        out.append(idx[torch.randperm(len(idx), generator=gen)[:n if isinstance(n, int) else n[c]]])
     return torch.cat(out)
 
 
@@ -328,9 +329,7 @@ def random_real_like(private: ImageSplit, counts: torch.Tensor | None, seed: int
     if counts is None:
         raise ValueError("max_coverage_random_real copies the class counts of a condensed max-coverage arm: "
                          "list max_coverage or max_coverage_patent with it")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.cat([torch.nonzero(private.labels == c).flatten()[
-        torch.randperm(int((private.labels == c).sum()), generator=gen)[:int(n)]] for c, n in enumerate(counts.tolist())])
+    idx = random_per_class(private.labels, counts.tolist(), seed)
     return LabelledSet(name, private.images[idx], F.one_hot(private.labels[idx], num_classes).float())
 
 
