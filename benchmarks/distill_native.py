@@ -148,6 +148,7 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
                 print(f"{student} {method} seed {seed}: {r['accuracy']}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"fmnist-distill-native-{'-'.join(cfg.students)}-{machine_name(dev)}.json"
+    targets = channel_targets(cfg, teacher, images, labels, dev)
     config, stamp = to_jsonable(asdict(cfg)), time.strftime("%Y-%m-%d %H:%M")
     rows = [{**r, "measured": stamp} for r in rows]
     merged = merged_rows(path, config, teacher_info, rows)
@@ -160,10 +161,38 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
                        f"{cfg.per_class} per class, {cfg.steps} steps",
            "config": config, "teacher": teacher_info, "machine": machine_name(dev),
            "rows": rows, "summary": summarise(rows, methods, cfg.students), "created": stamp}
+    if targets or merged is not None and path.exists():
+        doc["channel_targets"] = targets or json.loads(path.read_text()).get("channel_targets")
+    if doc.get("channel_targets") is None:
+        doc.pop("channel_targets", None)
     path.write_text(json.dumps(doc, indent=1))
     path.with_suffix(".md").write_text(markdown(doc))
     plot(doc, path.with_suffix(".png"))
     return path
+
+
+def channel_targets(cfg: NativeDistillConfig, teacher, images, labels, dev, batch: int = 256) -> dict | None:
+    """Per student and seed, which teacher channels each channel-matching rule targets at the hint stage's first
+    step (the seed's initial student on a batch of its subset; server/distill/channel_matching.py
+    `target_coverage`). None when no channel-matching method ran."""
+    from server.distill.channel_matching import RULE_DOCS, target_coverage
+    from shared.models.distill_points import FeatureTap
+    rules = [r for r in RULE_DOCS if any(m.startswith(f"channel_{r}") for m in cfg.methods)]
+    if not rules:
+        return None
+    out = {}
+    for student in cfg.students:
+        for seed in cfg.seeds:
+            x = images[random_per_class(labels, cfg.per_class, seed)][:batch].to(dev)
+            torch.manual_seed(seed)
+            model = build_student(student, x.shape[1], int(labels.max()) + 1, x.shape[-1]).to(dev).eval()
+            taps = FeatureTap(model, student), FeatureTap(teacher, cfg.teacher)
+            with torch.no_grad():
+                model(x), teacher(x)
+            out.setdefault(student, {})[str(seed)] = {r: target_coverage(r, taps[0].value, taps[1].value) for r in rules}
+            for tap in taps:
+                tap.remove()
+    return out
 
 
 def merged_rows(path: Path, config: dict, teacher: dict, rows: list[dict]) -> tuple[list[dict], list[str]] | None:

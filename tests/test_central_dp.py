@@ -99,10 +99,15 @@ def test_a_central_dp_demo_ships_a_set_whose_ledger_covers_every_pooled_record(t
                  "--device", "cpu"]) == 0
     audit = json.loads((out / "audit" / "audit.json").read_text())
     assert audit["membership"]["members"] == audit["membership"]["nonmembers"] == 40
-    assert "lira_skipped" in audit["membership"] and "lira_skipped" in audit["shipped"]
+    # LiRA's OUT shadows repeat the release without the candidates; the public-split teacher has none to build
+    assert audit["membership"]["shadows"] == audit["shipped"]["shadows"] == 1
+    assert "public split alone" in audit["shipped"]["teacher"]["lira_skipped"]
     targets = {(r["target"], r["attack"]) for r in audit["verdict"]["attacks"]}
     assert {("released set on pooled records", "nearest_synthetic"), ("shipped teacher on training members",
-                                                                      "loss_threshold")} <= targets
+                                                                      "loss_threshold"),
+            ("student (soft labels) on pooled records", "lira_offline"),
+            ("shipped student on training members", "lira_offline")} <= targets
+    assert ("shipped teacher on training members", "lira_offline") not in targets
     assert audit["claimed_epsilon"] == report["privacy"]["epsilon"] and audit["verdict"]["status"] != "no claim"
     assert "trusted server ships" in audit["verdict"]["text"]
     page = (out / "audit" / "audit.html").read_text()

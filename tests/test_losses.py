@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.distill.channel_matching import (channel_distances, grouped_assignment, sparse_assignment, target_maxpool,
-                                     teacher_group_order)
+from server.distill.channel_matching import (channel_distances, grouped_assignment, sparse_assignment, target_coverage,
+                                             target_maxpool, teacher_group_order)
 import server.distill.ddkd  # noqa: F401  (registers ddkd)
 from server.distill.losses import LOSSES, KD, LossInputs, MutualInformationPrior, build_losses, dkd_parts
 from shared.models.distill_points import FeatureTap
@@ -256,6 +256,21 @@ def test_a_feature_term_alone_carries_its_warning(caplog):
     flagged = [line.split()[0] for line, nxt in zip(listing.splitlines(), listing.splitlines()[1:])
                if nxt.strip().startswith("!")]
     assert flagged == ["attention", "channel_maxpool", "channel_random", "channel_sparse", "dkd", "mi_prior"]
+
+
+def test_the_sparse_rule_targets_the_teachers_weak_channels_and_the_grouped_rules_every_one():
+    """The diagnosis `fedcondense bench --distill-native` records: a squared distance is cheapest to a teacher channel
+    with little energy, so rule 1 pairs a fresh student with the teacher's weak channels; rules 2-3 cover them all."""
+    g = torch.Generator().manual_seed(0)
+    fs = 0.5 * torch.randn(64, 4, 6, 6, generator=g)
+    scale = torch.tensor([3.0] * 8 + [0.3] * 8).view(1, 16, 1, 1)       # 8 strong, 8 weak teacher channels
+    ft = torch.randn(64, 16, 6, 6, generator=g) * scale
+    sparse = target_coverage("sparse", fs, ft)
+    assert sparse["channels_targeted"] == 4 and sparse["mean_energy_rank"] < 0.5
+    assert sparse["energy_share"] < 0.05                                 # the weak channels hold ~1 % of the energy
+    for rule in ("random", "maxpool"):
+        grouped = target_coverage(rule, fs, ft)
+        assert grouped["channels_targeted"] == 16 and grouped["energy_share"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("rule", ["sparse", "random", "maxpool"])

@@ -66,12 +66,19 @@ def set_section(mia: dict) -> str:
         return f"""<h3>The released synthetic set</h3>
 <p class="note">Members: {mia['members']} pooled private images, each inside the one release the set was fitted to;
 non-members: {mia['nonmembers']} test images. No private latent conditioned the set (public latents did). The target
-student trains on the set alone. {html.escape(mia['lira_skipped'])}.</p>"""
+student trains on the set alone. {_central_lira(mia)}</p>"""
     return f"""<h3>Conditioning: the synthetic set</h3>
 <p class="note">Members: {mia['members']} real private images whose latents conditioned the synthetic set; non-members:
 {mia['nonmembers']} private images that conditioned nothing. The target student trains on the set's soft labels alone.
 LiRA (offline) uses {mia.get('shadows', 0)} OUT shadow students; the shadows reuse the run's chain, so this measures
 leakage through conditioning and the student.</p>"""
+
+
+def _central_lira(part: dict) -> str:
+    """The sentence on a central-DP audit's LiRA shadows (or why none ran)."""
+    if "shadows" not in part:
+        return "LiRA was not run (--shadows 0)."
+    return f"LiRA (offline) uses {part['shadows']} OUT shadows: {html.escape(part['shadows_are'])}."
 
 
 def write_report(result: dict, out: Path) -> None:
@@ -101,7 +108,8 @@ def write_report(result: dict, out: Path) -> None:
                     f"Members: {shipped['members']} pooled private images ({trained_on}); "
                     f"non-members: {shipped['nonmembers']} test images. The shipped student trains with "
                     f"'{shipped['student_loss']}' from the run's teacher. "
-                    + (f"LiRA (offline): {shipped['shadows']} OUT shadow teachers retrained without the candidate members, "
+                    + (_central_lira(shipped) + " " + shipped["teacher"]["lira_skipped"] + "." if central else
+                       f"LiRA (offline): {shipped['shadows']} OUT shadow teachers retrained without the candidate members, "
                        "a student distilled from each." if "shadows" in shipped else shipped.get("lira_skipped", "")))
     inv_rows = "".join(_row(k, f"{v['psnr_db']:.2f}", f"{v['ssim']:.4f}") for k, v in inv["settings"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedcondense privacy audit</title>

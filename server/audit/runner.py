@@ -147,22 +147,62 @@ def membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
     return out
 
 
-CENTRAL_LIRA_SKIPPED = ("central DP: OUT shadows would repeat the release and the set's fit without the candidates; the "
-                        "audit does not rebuild them, so only shadow-free attacks run")
+TEACHER_PUBLIC = ("central DP: the teacher trained on the public split alone, so no pooled record enters it and an OUT "
+                  "shadow would be the target retrained on the same data; the loss-threshold attack stands")
 
 
-def central_membership(ctx: AuditContext, candidates: int) -> dict:
+def central_membership(ctx: AuditContext, shadows: int, candidates: int) -> dict:
     """Central DP: every pooled record entered the shipped artifacts through the one release, and no private
     latent conditioned the set. Members: pooled private images; non-members: test images, which nothing saw.
-    Attacked: the released set (nearest synthetic image) and a student trained on the set alone."""
-    x, y, is_member, _ = pooled_against_test(ctx, candidates)
+    Attacked: the released set (nearest synthetic image) and a student trained on the set alone, with LiRA's
+    OUT shadows (`central_shadow_sets`) when `shadows` > 0."""
+    x, y, is_member, member_idx = pooled_against_test(ctx, candidates)
     target = train_student(ctx.synthetic.images, ctx.synthetic.labels, ctx.student_cfg, ctx.device, desc="target")
-    return {"members": int(is_member.sum()), "nonmembers": int((1 - is_member).sum()),
-            "members_are": "pooled private records (non-members: test images)",
-            "loss_threshold": attacks.attack_figures(attacks.example_scores(target, x, y), is_member, ctx.delta),
-            "released_set": {"nearest_synthetic": attacks.attack_figures(
-                attacks.nearest_synthetic_scores(x.cpu(), ctx.synthetic.images), is_member, ctx.delta)},
-            "lira_skipped": CENTRAL_LIRA_SKIPPED}
+    target_scores = attacks.example_scores(target, x, y)
+    out = {"members": int(is_member.sum()), "nonmembers": int((1 - is_member).sum()),
+           "members_are": "pooled private records (non-members: test images)",
+           "loss_threshold": attacks.attack_figures(target_scores, is_member, ctx.delta),
+           "released_set": {"nearest_synthetic": attacks.attack_figures(
+               attacks.nearest_synthetic_scores(x.cpu(), ctx.synthetic.images), is_member, ctx.delta)}}
+    if shadows > 0:
+        shadow_out = np.stack([attacks.example_scores(
+            train_student(syn.images, syn.labels, replace(ctx.student_cfg, seed=1000 + s), ctx.device,
+                          desc=f"shadow {s}"), x, y) for s, syn in enumerate(central_shadow_sets(ctx, member_idx, shadows))])
+        out["lira_offline"] = _lira(target_scores, shadow_out, is_member, ctx.delta)
+        out["shadows"] = shadows
+        out["shadows_are"] = CENTRAL_SHADOWS
+    return out
+
+
+CENTRAL_SHADOWS = ("the one release repeated on the pool without the candidate members (the run's networks, clip norm "
+                   "and noise multiplier, fresh noise), the run's chain set on the public split fitted to it as the "
+                   "run's was; the attacker knows everything public, so only the release's noise and the student's "
+                   "seed vary")
+
+
+def central_shadow_sets(ctx: AuditContext, member_idx: torch.Tensor, shadows: int) -> list[SyntheticSet]:
+    """OUT shadow sets of a central-DP run (`CENTRAL_SHADOWS`), built once per audit and kept on `ctx`."""
+    cached = getattr(ctx, "_central_shadows", None)
+    if cached is not None and cached[0] == (member_idx.tolist(), shadows):
+        return cached[1]
+    from client.encode import encode_images
+    from server.condense.private_target import EmbeddingBank, class_sums, release_class_means
+    privacy, iterations = ctx.report["privacy"], ctx.report["config"]["central"]["iterations"]
+    models = load_run_models(ctx)
+    keep = torch.from_numpy(np.setdiff1d(pooled_positions(ctx.report, ctx.ds, ctx.run).numpy(), member_idx.numpy()))
+    bank = EmbeddingBank(**privacy["embedding"])
+    nets = bank.build(ctx.ds.public.images.shape[1], ctx.ds.public.images.shape[-1], ctx.device)
+    stat = class_sums(models["decoder"], encode_images(ctx.e1, ctx.ds.private.images[keep], device=ctx.device),
+                      ctx.ds.private.labels[keep], ctx.ds.num_classes, nets, privacy["clip_norm"], ctx.device)
+    public = encode_images(ctx.e1, ctx.ds.public.images, device=ctx.device)
+    ccfg = replace(ctx.condense_cfg, ipc=ctx.report["ipc"])
+    sets = []
+    for _ in range(shadows):
+        release = {"means": release_class_means(stat, privacy["noise_multiplier"]), "nets": nets, "iterations": iterations}
+        sets.append(condense(public, ctx.ds.public.labels, ctx.ds.public.ids, ctx.ds.num_classes,
+                             {**models, "private_target": release}, ctx.chain_cfg, ccfg, ctx.device))
+    ctx._central_shadows = ((member_idx.tolist(), shadows), sets)
+    return sets
 
 
 def pooled_against_test(ctx: AuditContext, candidates: int, seed: int = 1):
@@ -202,8 +242,14 @@ def shipped_membership(ctx: AuditContext, shadows: int, candidates: int) -> dict
     scores = {name: attacks.example_scores(model, x, y) for name, model in targets.items()}
     for name in targets:
         out[name] = {"loss_threshold": attacks.attack_figures(scores[name], is_member, ctx.delta)}
+    if ctx.central:
+        out["teacher"]["lira_skipped"] = TEACHER_PUBLIC
     if shadows > 0 and ctx.central:
-        out["lira_skipped"] = CENTRAL_LIRA_SKIPPED
+        sets = central_shadow_sets(ctx, member_idx, shadows)
+        shadow_out = np.stack([attacks.example_scores(shipped_student(ctx, teacher, 1000 + s, syn), x, y)
+                               for s, syn in enumerate(sets)])
+        out["student"]["lira_offline"] = _lira(scores["student"], shadow_out, is_member, ctx.delta)
+        out["shadows"], out["shadows_are"] = shadows, CENTRAL_SHADOWS
     elif shadows > 0 and ctx.noised:
         out["lira_skipped"] = ("the run's teacher trained on the devices' noised, filtered release; OUT shadows would "
                                "have to be trained on such a release too, which the audit does not rebuild")
@@ -215,10 +261,12 @@ def shipped_membership(ctx: AuditContext, shadows: int, candidates: int) -> dict
     return out
 
 
-def shipped_student(ctx: AuditContext, teacher, seed: int):
+def shipped_student(ctx: AuditContext, teacher, seed: int, syn: SyntheticSet | None = None):
+    """The student the run ships (its loss, distilled from `teacher`), trained on `syn` (default: the run's set)."""
+    syn = ctx.synthetic if syn is None else syn
     cfg = replace(ctx.student_cfg, seed=seed)
     uses_teacher = cfg.loss != "soft_ce"
-    return train_student(ctx.synthetic.images, ctx.synthetic.labels, cfg, ctx.device, loss=cfg.loss,
+    return train_student(syn.images, syn.labels, cfg, ctx.device, loss=cfg.loss,
                          teacher=teacher if uses_teacher else None, desc=f"shipped student s{seed}")
 
 
@@ -328,7 +376,7 @@ def run_audit(run: Path, device: torch.device, shadows: int = 4, candidates: int
     figures.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run), "mode": ctx.report["mode"], "privacy": ctx.report.get("privacy"),
               "claimed_epsilon": ctx.claimed_epsilon, "delta": ctx.delta,
-              "membership": central_membership(ctx, candidates) if ctx.central else membership(ctx, shadows, candidates),
+              "membership": central_membership(ctx, shadows, candidates) if ctx.central else membership(ctx, shadows, candidates),
               "shipped": shipped_membership(ctx, shadows, candidates),
               "inversion": inversion(ctx, inverter_steps, 200, figures),
               "memorisation": memorisation(ctx, figures),

@@ -89,6 +89,23 @@ def target_maxpool(fs, ft, generator=None) -> torch.Tensor:
     return ft[:, groups].amax(dim=2)                        # (B, n, r, H, W) -> (B, n, H, W)
 
 
+@torch.no_grad()
+def target_coverage(rule: str, fs: torch.Tensor, ft: torch.Tensor) -> dict:
+    """Which teacher channels `rule` targets for student features `fs`: how many distinct channels, their share of
+    the teacher's feature energy (per-channel mean square), and their mean energy rank as a fraction (0: the
+    weakest channel, 1: the strongest). `sparse` keeps n of m channels, and a squared distance is cheapest to a
+    channel with little energy; `random` and `maxpool` spread the student over every grouped channel."""
+    if fs.shape[-2:] != ft.shape[-2:]:
+        ft = F.adaptive_avg_pool2d(ft, fs.shape[-2:])
+    dist = channel_distances(fs.float(), ft.float()).cpu().numpy()
+    used = sparse_assignment(dist) if rule == "sparse" else np.unique(grouped_assignment(dist))
+    energy = ft.float().pow(2).mean(dim=(0, 2, 3)).cpu().numpy()
+    rank = np.argsort(np.argsort(energy)) / max(len(energy) - 1, 1)
+    return {"teacher_channels": int(len(energy)), "student_channels": int(fs.shape[1]),
+            "channels_targeted": int(len(np.unique(used))), "energy_share": float(energy[used].sum() / energy.sum()),
+            "mean_energy_rank": float(rank[used].mean())}
+
+
 class ChannelMatching(nn.Module):
     def __init__(self, num_classes: int, rule: str = "sparse", stop_fraction: float = 0.1, budget: float = 0.5,
                  runs_first: bool = True, **_):
