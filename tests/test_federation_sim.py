@@ -44,6 +44,15 @@ def test_simulated_federation_pools_every_client(tmp_path):
     assert all(r["as_the_device_reported"]["epsilon"] == pytest.approx(again) for r in ledger["releases"])
     assert all(r["cipher"].startswith("X25519") for r in ledger["releases"])
 
+    # the audit's OUT shadows rebuild what the server held: a fresh draw of the devices' release without the
+    # candidates, through the server's Wiener filter, for the teacher's shadows as for the set's
+    assert main(["audit", str(out), "--shadows", "1", "--candidates", "40", "--inverter-steps", "5",
+                 "--device", "cpu"]) == 0
+    audit = json.loads((out / "audit" / "audit.json").read_text())
+    assert audit["shipped"]["shadows"] == audit["membership"]["shadows"] == 1 and "lira_skipped" not in audit["shipped"]
+    assert all("lira_offline" in audit["shipped"][who] for who in ("teacher", "student"))
+    assert audit["claimed_epsilon"] == report["privacy"]["epsilon"] and audit["verdict"]["status"] != "no claim"
+
 
 def test_a_new_simulation_never_merges_an_earlier_pool(tmp_path):
     """Simulated node ids change every run: an earlier run's pool must be cleared, not merged."""

@@ -319,9 +319,12 @@ def test_channel_hint_stage_runs_first_on_the_layers_up_to_the_distillation_poin
             return float(F.mse_loss(taps[0].value, taps[1].value[:, torch.as_tensor(
                 sparse_assignment(channel_distances(taps[0].value, taps[1].value).numpy()))]))
 
-    before, head = distance(), student.classifier.weight.clone()
+    before, head, trace = distance(), student.classifier.weight.clone(), []
     _hint_stage(student, teacher, taps, hint, x, StudentConfig(model="convnet3_w32", batch_size=16, lr=0.05),
-                torch.device("cpu"), steps=120, batch=16, augment=AUGMENTATIONS["none"])
+                torch.device("cpu"), steps=120, batch=16, augment=AUGMENTATIONS["none"], trace=trace)
     assert distance() < 0.5 * before
     assert torch.equal(student.classifier.weight, head), "the stage trains only the layers up to the point"
     assert not bool(hint.active) and hint.runs_first
+    (row,) = trace                          # what the stage ran, for the results page's diagnosis
+    assert row["stage"] == "hint" and row["budget"] == 60 and 0 < row["steps"] <= 60
+    assert row["last_distance"] < row["first_distance"]

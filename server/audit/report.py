@@ -81,6 +81,18 @@ def _central_lira(part: dict) -> str:
     return f"LiRA (offline) uses {part['shadows']} OUT shadows: {html.escape(part['shadows_are'])}."
 
 
+def _shipped_lira(shipped: dict, central: bool, noised: bool) -> str:
+    """The sentence on the shadows of the shipped teacher and student (or why none ran)."""
+    if central:
+        return f"{_central_lira(shipped)} {shipped['teacher']['lira_skipped']}."
+    if "shadows" not in shipped:
+        return shipped.get("lira_skipped", "LiRA was not run (--shadows 0).")
+    fresh = (" (each on a fresh draw of the devices' release, filtered as the server filtered the run's)"
+             if noised else "")
+    return (f"LiRA (offline): {shipped['shadows']} OUT shadow teachers retrained without the candidate "
+            f"members{fresh}, a student distilled from each.")
+
+
 def write_report(result: dict, out: Path) -> None:
     out = Path(out)
     mia, inv, mem, shipped = result["membership"], result["inversion"], result["memorisation"], result["shipped"]
@@ -108,9 +120,7 @@ def write_report(result: dict, out: Path) -> None:
                     f"Members: {shipped['members']} pooled private images ({trained_on}); "
                     f"non-members: {shipped['nonmembers']} test images. The shipped student trains with "
                     f"'{shipped['student_loss']}' from the run's teacher. "
-                    + (_central_lira(shipped) + " " + shipped["teacher"]["lira_skipped"] + "." if central else
-                       f"LiRA (offline): {shipped['shadows']} OUT shadow teachers retrained without the candidate members, "
-                       "a student distilled from each." if "shadows" in shipped else shipped.get("lira_skipped", "")))
+                    + _shipped_lira(shipped, central, priv.get("mechanism") != "none"))
     inv_rows = "".join(_row(k, f"{v['psnr_db']:.2f}", f"{v['ssim']:.4f}") for k, v in inv["settings"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fedcondense privacy audit</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,10 @@ from server.condense.chain import SyntheticSet, condense, save_grid
 from server.condense.pretrain import load_chain
 from server.distill.student import train_student
 from server.distill.teacher import load_teacher, train_teacher
-from shared.accounting import default_delta, noise_for_epsilon
+from shared.accounting import ImageRelease, default_delta, noise_for_epsilon
 from shared.cache import cache_root
 from shared.config import ChainConfig, CondenseConfig, DataConfig, StudentConfig
-from shared.data import load_dataset
+from shared.data import ImageSplit, load_dataset
 from shared.models.first_encoder import Decoder, FirstEncoder
 from shared.partition import partition
 
@@ -122,6 +122,28 @@ class AuditContext:
             used = resolve_real_index(self.report, self.ds, self.synthetic.conditioning.flatten().unique(), self.run)
             unused = torch.from_numpy(np.setdiff1d(np.arange(len(self.ds.private)), used.numpy()))
             self.members, self.nonmembers = used, unused
+
+    def device_release(self) -> ImageRelease | None:
+        """The devices' mechanism as the run's privacy ledger states it; None without local DP."""
+        if not self.noised or self.central:
+            return None
+        g = json.loads((self.run / "privacy_ledger.json").read_text())["guarantee"]
+        return ImageRelease(**{f.name: g[f.name] for f in fields(ImageRelease)})
+
+    def released(self, latents: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the server held for these records: without local DP the latents and labels themselves; with it
+        a fresh draw of the devices' release (randomized-response labels, Gaussian latents) through the server's
+        own post-processing (the Wiener filter against the public split's prior: server/pipeline.py)."""
+        release = self.device_release()
+        if release is None:
+            return latents, labels
+        from client.privacy import release_records
+        from server.pipeline import released_pool
+        z, y = release_records(latents, labels, release)
+        fed = self.report["config"].get("federation") or {}
+        pool, _, _ = released_pool(self.ds, self.e1, ImageSplit(z, y, ids), release, self.device,
+                                   fed.get("denoise", "wiener"))
+        return pool.images, pool.labels
 
     def candidates(self, n: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
         g = torch.Generator().manual_seed(seed)
@@ -250,9 +272,6 @@ def shipped_membership(ctx: AuditContext, shadows: int, candidates: int) -> dict
                                for s, syn in enumerate(sets)])
         out["student"]["lira_offline"] = _lira(scores["student"], shadow_out, is_member, ctx.delta)
         out["shadows"], out["shadows_are"] = shadows, CENTRAL_SHADOWS
-    elif shadows > 0 and ctx.noised:
-        out["lira_skipped"] = ("the run's teacher trained on the devices' noised, filtered release; OUT shadows would "
-                               "have to be trained on such a release too, which the audit does not rebuild")
     elif shadows > 0:
         outs = shadow_teachers_and_students(ctx, models, member_idx, x, y, shadows)
         for name in targets:
@@ -271,16 +290,18 @@ def shipped_student(ctx: AuditContext, teacher, seed: int, syn: SyntheticSet | N
 
 
 def shadow_teachers_and_students(ctx: AuditContext, models: dict, member_idx, x, y, shadows: int) -> dict:
-    """Per shadow: a teacher trained as the run's was, on the pool without the candidate members, and a
+    """Per shadow: a teacher trained as the run's was, on the pool without the candidate members (under local
+    DP, on a fresh draw of the devices' release of it, filtered as the server filtered the run's), and a
     student distilled from it on the released set; each model's scores on every candidate."""
     from client.encode import encode_images
     keep = torch.from_numpy(np.setdiff1d(pooled_positions(ctx.report, ctx.ds, ctx.run).numpy(), member_idx.numpy()))
     latents = encode_images(ctx.e1, ctx.ds.private.images[keep], device=ctx.device)
-    labels = ctx.ds.private.labels[keep]
+    labels, ids = ctx.ds.private.labels[keep], ctx.ds.private.ids[keep]
     out = {"teacher": [], "student": []}
     for s in range(shadows):
-        teacher, _ = train_teacher(ctx.e1, models["second_encoder"], latents, labels, ctx.ds.num_classes, ctx.device,
-                                   steps=ctx.student_cfg.teacher_steps, seed=1000 + s)
+        pool_latents, pool_labels = ctx.released(latents, labels, ids)
+        teacher, _ = train_teacher(ctx.e1, models["second_encoder"], pool_latents, pool_labels, ctx.ds.num_classes,
+                                   ctx.device, steps=ctx.student_cfg.teacher_steps, seed=1000 + s)
         out["teacher"].append(attacks.example_scores(teacher, x, y))
         out["student"].append(attacks.example_scores(shipped_student(ctx, teacher, 1000 + s), x, y))
     return {k: np.stack(v) for k, v in out.items()}
@@ -296,11 +317,12 @@ def load_run_models(ctx: AuditContext) -> dict:
 
 
 def shadow_scores(ctx: AuditContext, candidate_idx, x, y, shadows: int) -> np.ndarray:
-    """OUT shadows: synthetic sets conditioned on private latents that exclude every candidate.
+    """OUT shadows: synthetic sets conditioned on private latents that exclude every candidate (under local DP,
+    on a fresh draw of the devices' release of them, filtered as the server filtered the run's).
 
     Scope: shadows reuse the run's chain, which was trained on all pooled latents (candidates
-    included), so the audit measures leakage through conditioning and the student, not through
-    chain training."""
+    included; under local DP on the public split), so the audit measures leakage through conditioning and
+    the student, not through chain training."""
     keep = torch.from_numpy(np.setdiff1d(np.arange(len(ctx.ds.private)), candidate_idx.numpy()))
     pool = ctx.ds.private.subset(keep)
     from client.encode import encode_images
@@ -308,7 +330,8 @@ def shadow_scores(ctx: AuditContext, candidate_idx, x, y, shadows: int) -> np.nd
     models = load_run_models(ctx)
     scores = []
     for s in range(shadows):
-        syn = condense(latents, pool.labels, pool.ids, ctx.ds.num_classes, models, ctx.chain_cfg,
+        released, labels = ctx.released(latents, pool.labels, pool.ids)
+        syn = condense(released, labels, pool.ids, ctx.ds.num_classes, models, ctx.chain_cfg,
                        replace(ctx.condense_cfg, seed=1000 + s, selection="random"), ctx.device)
         model = train_student(syn.images, syn.labels, replace(ctx.student_cfg, seed=1000 + s), ctx.device, desc=f"shadow {s}")
         scores.append(attacks.example_scores(model, x.to(ctx.device), y.to(ctx.device)))

@@ -67,7 +67,7 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     model.train()
     for module, _ in terms if taps and first == 0 else ():
         if getattr(module, "runs_first", False):
-            _hint_stage(model, teacher, taps, module, images, cfg, device, steps, batch, augment)
+            _hint_stage(model, teacher, taps, module, images, cfg, device, steps, batch, augment, trace)
     mine = my_slice(batch)                      # under torchrun: this worker's rows of every batch
     for step in progress(range(first, steps), desc=desc, unit="step", initial=first, total=steps):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
@@ -100,17 +100,20 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     return model.eval()
 
 
-def _hint_stage(model, teacher, taps, hint, images, cfg: StudentConfig, device, steps: int, batch: int, augment):
+def _hint_stage(model, teacher, taps, hint, images, cfg: StudentConfig, device, steps: int, batch: int, augment,
+                trace: list | None = None):
     """FitNets' first stage (Romero et al. 2015): the student's layers up to the distillation point learn the
     `hint` term alone until it says its stage is over (its threshold or step budget), then the task training
     starts from them with its own optimiser and schedule. The stage draws from its own generator, so the
-    task stage sees the same batches and augmentations as a run without the hint (paired seeds)."""
+    task stage sees the same batches and augmentations as a run without the hint (paired seeds). With
+    `trace`, it gets one row: the steps the stage ran, its budget, and its first and last distance."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     budget = max(1, int(hint.budget * steps))
     opt = torch.optim.SGD(model.parameters(), lr=student_lr(cfg, batch), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, budget)
     mine = my_slice(batch)
+    distances, taken = [], 0
     for step in progress(range(budget), desc="hint stage", unit="step"):
         x = images[torch.randint(0, len(images), (batch,), generator=gen)].to(device)
         with autocast(device, cpu_bf16=True):
@@ -120,14 +123,19 @@ def _hint_stage(model, teacher, taps, hint, images, cfg: StudentConfig, device, 
                 teacher(view)
             loss = hint(LossInputs(logits, logits.detach(), student_features=taps[0].value,
                                    teacher_features=taps[1].value, progress=0.0))   # this loop counts the budget
-        if not bool(hint.active):
+        distances.append(float(loss.detach()))
+        if not bool(hint.active):                      # under its threshold: this step is not taken
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(list(model.parameters()))
         opt.step()
         sched.step()
+        taken += 1
     hint.active.fill_(False)
+    if trace is not None:
+        trace.append({"stage": "hint", "steps": taken, "budget": budget,
+                      "first_distance": distances[0], "last_distance": distances[-1]})
 
 
 def _trace_row(step: int, names: list[str], values: list[torch.Tensor], model: nn.Module) -> dict:
