@@ -203,7 +203,8 @@ def merged_rows(path: Path, config: dict, teacher: dict, rows: list[dict]) -> tu
     if not path.exists():
         return rows, list(config["methods"])
     old = json.loads(path.read_text())
-    same = {k: v for k, v in old["config"].items() if k != "methods"} == {k: v for k, v in config.items() if k != "methods"}
+    setting = lambda c: {k: v for k, v in c.items() if k not in ("methods", "device")}   # the file name names the machine
+    same = setting(old["config"]) == setting(config)
     if not same or old["teacher"].get("accuracy") != teacher.get("accuracy"):
         return None
     fresh = set(config["methods"])

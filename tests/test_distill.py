@@ -140,3 +140,20 @@ def test_teacher_sees_the_view_its_loss_asks_for(setup, spec, same_view, monkeyp
             hook.remove()
     assert seen["teacher"].shape == seen["student"].shape == (32, 1, 32, 32)
     assert torch.equal(seen["teacher"], seen["student"]) == same_view
+
+
+def test_a_native_run_on_the_same_setting_updates_its_file_whatever_device_string_it_named(tmp_path):
+    """`--device cpu` and `--device auto` on one machine measure one setting (the file name names the machine):
+    the run's methods replace their rows. Other seeds or another teacher are another setting: no merge."""
+    import json
+    from benchmarks.distill_native import merged_rows
+    config = {"seeds": [0, 1], "per_class": 100, "device": "auto", "methods": ["kd", "channel_sparse+kd"]}
+    old = [{"student": "s", "seed": k, "method": m, "accuracy": 0.5} for k in (0, 1) for m in config["methods"]]
+    path = tmp_path / "file.json"
+    path.write_text(json.dumps({"config": config, "teacher": {"accuracy": 0.9}, "rows": old, "created": "then"}))
+    new = [{"student": "s", "seed": k, "method": "kd", "accuracy": 0.6} for k in (0, 1)]
+    rows, methods = merged_rows(path, {**config, "device": "cpu", "methods": ["kd"]}, {"accuracy": 0.9}, new)
+    assert methods == ["kd", "channel_sparse+kd"] and len(rows) == 4
+    assert sorted(r["accuracy"] for r in rows if r["method"] == "kd") == [0.6, 0.6]
+    assert merged_rows(path, {**config, "seeds": [0, 1, 2]}, {"accuracy": 0.9}, new) is None
+    assert merged_rows(path, config, {"accuracy": 0.8}, new) is None

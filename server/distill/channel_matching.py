@@ -133,7 +133,8 @@ class ChannelMatching(nn.Module):
         return loss
 
 
-RULE_DOCS = {"sparse": "one teacher channel per student channel (Hungarian matching on channel distances)",
+RULE_DOCS = {"sparse": "one teacher channel per student channel (Hungarian matching on channel distances; it picks "
+                       "the teacher's low-energy channels, docs/distill/native.md)",
              "random": "a random teacher channel of each student channel's matched group",
              "maxpool": "the element-wise max over each student channel's matched group of teacher channels"}
 
