@@ -210,7 +210,8 @@ def test_distill_synthetic_bench_pairs_every_method_with_soft_labels_and_kd(tmp_
         {(n, m, s) for n in students for m in methods for s in (0, 1)}
     assert {r["set"] for r in doc["rows"]} == {"ours_refined|ipc2|s0", "ours_refined|ipc2|s1"}
     stacked = next(r for r in doc["rows"] if r["method"] == "channel_sparse+kd" and r["student"] == "convnet3_w32")
-    assert set(stacked["trace"][0]["terms"]) == {"soft_ce", "kd", "channel_sparse"}
+    hint, first_task_row = stacked["trace"][:2]       # the hint stage runs first and traces one row
+    assert hint["stage"] == "hint" and set(first_task_row["terms"]) == {"soft_ce", "kd", "channel_sparse"}
     # the tiny teacher's features have 64 channels: too few to match the 128 of a width-128 student
     assert [(n["student"], n["method"]) for n in doc["not_applicable"]] == [("convnet3", "channel_sparse+kd")]
     rows = {(r["student"], r["method"]): r for r in doc["summary"]}
