@@ -161,10 +161,9 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
                        f"{cfg.per_class} per class, {cfg.steps} steps",
            "config": config, "teacher": teacher_info, "machine": machine_name(dev),
            "rows": rows, "summary": summarise(rows, methods, cfg.students), "created": stamp}
-    if targets or merged is not None and path.exists():
-        doc["channel_targets"] = targets or json.loads(path.read_text()).get("channel_targets")
-    if doc.get("channel_targets") is None:
-        doc.pop("channel_targets", None)
+    kept = json.loads(path.read_text()).get("channel_targets") if merged is not None and path.exists() else None
+    if targets or kept:                          # this run's, else the updated file's
+        doc["channel_targets"] = targets or kept
     path.write_text(json.dumps(doc, indent=1))
     path.with_suffix(".md").write_text(markdown(doc))
     plot(doc, path.with_suffix(".png"))

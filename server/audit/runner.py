@@ -122,8 +122,10 @@ class AuditContext:
             used = resolve_real_index(self.report, self.ds, self.synthetic.conditioning.flatten().unique(), self.run)
             unused = torch.from_numpy(np.setdiff1d(np.arange(len(self.ds.private)), used.numpy()))
             self.members, self.nonmembers = used, unused
+        self.device_release = self._device_release()
+        self.central_shadows: dict = {}          # (candidate members, shadows) -> OUT shadow sets, built once
 
-    def device_release(self) -> ImageRelease | None:
+    def _device_release(self) -> ImageRelease | None:
         """The devices' mechanism as the run's privacy ledger states it; None without local DP."""
         if not self.noised or self.central:
             return None
@@ -134,7 +136,7 @@ class AuditContext:
         """What the server held for these records: without local DP the latents and labels themselves; with it
         a fresh draw of the devices' release (randomized-response labels, Gaussian latents) through the server's
         own post-processing (the Wiener filter against the public split's prior: server/pipeline.py)."""
-        release = self.device_release()
+        release = self.device_release
         if release is None:
             return latents, labels
         from client.privacy import release_records
@@ -204,9 +206,9 @@ CENTRAL_SHADOWS = ("the one release repeated on the pool without the candidate m
 
 def central_shadow_sets(ctx: AuditContext, member_idx: torch.Tensor, shadows: int) -> list[SyntheticSet]:
     """OUT shadow sets of a central-DP run (`CENTRAL_SHADOWS`), built once per audit and kept on `ctx`."""
-    cached = getattr(ctx, "_central_shadows", None)
-    if cached is not None and cached[0] == (member_idx.tolist(), shadows):
-        return cached[1]
+    key = (tuple(member_idx.tolist()), shadows)
+    if key in ctx.central_shadows:
+        return ctx.central_shadows[key]
     from client.encode import encode_images
     from server.condense.private_target import EmbeddingBank, class_sums, release_class_means
     privacy, iterations = ctx.report["privacy"], ctx.report["config"]["central"]["iterations"]
@@ -223,7 +225,7 @@ def central_shadow_sets(ctx: AuditContext, member_idx: torch.Tensor, shadows: in
         release = {"means": release_class_means(stat, privacy["noise_multiplier"]), "nets": nets, "iterations": iterations}
         sets.append(condense(public, ctx.ds.public.labels, ctx.ds.public.ids, ctx.ds.num_classes,
                              {**models, "private_target": release}, ctx.chain_cfg, ccfg, ctx.device))
-    ctx._central_shadows = ((member_idx.tolist(), shadows), sets)
+    ctx.central_shadows[key] = sets
     return sets
 
 
