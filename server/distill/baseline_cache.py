@@ -3,8 +3,8 @@
 A baseline arm's accuracy is a function of its inputs alone: the images and labels it trains on, the
 test set, the student recipe and step count, the teacher's weights, and the code and kernels that train
 it. A run whose inputs all match an earlier run's reuses that run's result instead of training the same
-students again (on the 2-core AVX2 CPU, 4 of a warm `make demo`'s 8 minutes; docs/results.md, session
-19). The key hashes every one of those inputs, and with them the source of the `server` and `shared`
+students again (on the 2-core AVX2 CPU, 4 of a warm `make demo`'s 8 minutes; docs/results.md).
+The key hashes every one of those inputs, and with them the source of the `server` and `shared`
 packages, the versions of torch, torchvision and diffusers, the device, the CPU's kernel set and the
 thread count, so any change to the data, recipe, code or machine trains afresh. The synthetic arm is
 never reused: it is what a run measures. `--retrain-baselines` (`DemoConfig.reuse_baselines = False`)
