@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,11 @@ class AuditContext:
         self.device_release = self._device_release()
         self.central_shadows: dict = {}          # (candidate members, shadows) -> OUT shadow sets, built once
 
+    @cached_property
+    def models(self) -> dict:
+        """The run's E1, decoder, E2, chain and teacher, loaded once per audit."""
+        return load_run_models(self)
+
     def _device_release(self) -> ImageRelease | None:
         """The devices' mechanism as the run's privacy ledger states it; None without local DP."""
         if not self.noised or self.central:
@@ -212,7 +218,7 @@ def central_shadow_sets(ctx: AuditContext, member_idx: torch.Tensor, shadows: in
     from client.encode import encode_images
     from server.condense.private_target import EmbeddingBank, class_sums, release_class_means
     privacy, iterations = ctx.report["privacy"], ctx.report["config"]["central"]["iterations"]
-    models = load_run_models(ctx)
+    models = ctx.models
     keep = torch.from_numpy(np.setdiff1d(pooled_positions(ctx.report, ctx.ds, ctx.run).numpy(), member_idx.numpy()))
     bank = EmbeddingBank(**privacy["embedding"])
     nets = bank.build(ctx.ds.public.images.shape[1], ctx.ds.public.images.shape[-1], ctx.device)
@@ -254,7 +260,7 @@ def shipped_membership(ctx: AuditContext, shadows: int, candidates: int) -> dict
     student the run ships (its loss, distilled from that teacher). Members: pooled private images;
     non-members: test images, which nothing trained on. LiRA's OUT shadows retrain the teacher without the
     candidate members, and distil a student from each."""
-    models = load_run_models(ctx)
+    models = ctx.models
     if "teacher" not in models:
         return {"skipped": "the run trained no teacher (its student loss and sampling use none)"}
     teacher = models["teacher"]
@@ -329,7 +335,7 @@ def shadow_scores(ctx: AuditContext, candidate_idx, x, y, shadows: int) -> np.nd
     pool = ctx.ds.private.subset(keep)
     from client.encode import encode_images
     latents = encode_images(ctx.e1, pool.images, device=ctx.device)
-    models = load_run_models(ctx)
+    models = ctx.models
     scores = []
     for s in range(shadows):
         released, labels = ctx.released(latents, pool.labels, pool.ids)
