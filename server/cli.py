@@ -140,10 +140,11 @@ def cmd_audit(args) -> int:
     from server.audit.runner import run_audit
     from shared.device import resolve_device
     result = run_audit(Path(args.run_dir), resolve_device(args.device), args.shadows, args.candidates,
-                       args.inverter_steps, [Path(p) for p in args.compare])
+                       args.inverter_steps, [Path(p) for p in args.compare], args.lira)
     mia = result["membership"]
     print(f"membership AUC: loss-threshold {mia['loss_threshold']['auc']:.3f}"
-          + (f", LiRA {mia['lira_offline']['auc']:.3f}" if "lira_offline" in mia else ""))
+          + "".join(f", LiRA {mode} {mia['lira_' + mode]['auc']:.3f}" for mode in ("offline", "online")
+                    if f"lira_{mode}" in mia))
     for name, v in result["inversion"]["settings"].items():
         print(f"inversion {name}: PSNR {v['psnr_db']:.2f} dB, SSIM {v['ssim']:.3f}")
     print(f"verdict ({result['verdict']['status']}): {result['verdict']['text']}")
@@ -441,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_distill)
     p = sub.add_parser("audit", help="privacy audit of a run: membership inference, inversion, memorisation")
     p.add_argument("run_dir")
-    p.add_argument("--shadows", type=int, default=4, help="LiRA OUT shadow students (0: loss-threshold only)")
+    p.add_argument("--shadows", type=int, default=4, help="LiRA shadows (0: loss-threshold only)")
+    p.add_argument("--lira", default="offline", choices=("offline", "online"),
+                   help="offline: OUT shadows without the candidate members; online (central-DP runs): each shadow "
+                        "holds a random half of all candidates, so each is judged against itself IN and OUT")
     p.add_argument("--candidates", type=int, default=500, help="members (and as many non-members) attacked")
     p.add_argument("--inverter-steps", type=int, default=300)
     p.add_argument("--compare", nargs="*", default=[], help="other runs (e.g. other epsilons) for the utility curve")

@@ -34,6 +34,24 @@ def test_leaky_student_is_flagged_by_both_attacks():
     assert 0 <= loss_attack["tpr_at_1pct_fpr"] <= 1
 
 
+def test_lira_online_separates_in_from_out_and_stays_at_chance_without_a_signal():
+    """Simulated scores: each example has its own difficulty; training on it raises its score by `gap`. The
+    target trained on the first half. Online LiRA compares each example with itself, in and out."""
+    rng = np.random.default_rng(0)
+    n, shadows = 2000, 16
+    difficulty = rng.normal(0, 3, n)
+    is_member = np.r_[np.ones(n // 2), np.zeros(n // 2)]
+    shadow_in = rng.random((shadows, n)) < 0.5
+    for gap, lo, hi in ((1.0, 0.75, 1.0), (0.0, 0.45, 0.55)):
+        target = difficulty + gap * is_member + rng.normal(0, 0.5, n)
+        shadow = difficulty + gap * shadow_in + rng.normal(0, 0.5, (shadows, n))
+        online = attacks.lira_online(target, shadow, shadow_in, is_member)
+        assert lo < online["auc"] < hi, (gap, online["auc"])
+        assert len(online["scores"]) == n and online["in_shadows_median"] == 8
+    loss_only = attacks.roc(difficulty + is_member + rng.normal(0, 0.5, n), is_member)["auc"]
+    assert loss_only < 0.7, "without the per-example calibration the same signal is weak"
+
+
 def test_roc_of_random_scores_is_chance():
     rng = np.random.default_rng(0)
     r = attacks.roc(rng.random(20000), rng.random(20000) < 0.5)

@@ -113,6 +113,24 @@ def lira_offline(target_scores: np.ndarray, shadow_out_scores: np.ndarray, is_me
     return {**roc(statistic, is_member), "scores": statistic}
 
 
+def lira_online(target_scores: np.ndarray, shadow_scores: np.ndarray, shadow_in: np.ndarray,
+                is_member: np.ndarray, min_each: int = 1) -> dict:
+    """LiRA, online variant (Carlini et al. 2022): each shadow trained on a random half of the candidates;
+    per example, one Gaussian to its scores under the shadows that trained on it (IN) and one under those
+    that did not (OUT); the statistic is the log-likelihood ratio of the target's score. With few shadows
+    the variances are pooled over all examples (the paper's fixed-variance variant). `shadow_scores` and
+    `shadow_in`: (num_shadows, N); examples with fewer than `min_each` IN or OUT shadows score 0."""
+    inside = shadow_in.astype(bool)
+    n_in, n_out = inside.sum(0), (~inside).sum(0)
+    mu_in = np.where(inside, shadow_scores, 0).sum(0) / np.maximum(n_in, 1)
+    mu_out = np.where(~inside, shadow_scores, 0).sum(0) / np.maximum(n_out, 1)
+    sd_in = np.sqrt(np.nanmean(np.where(inside, (shadow_scores - mu_in) ** 2, np.nan))) + 1e-6
+    sd_out = np.sqrt(np.nanmean(np.where(~inside, (shadow_scores - mu_out) ** 2, np.nan))) + 1e-6
+    statistic = stats.norm.logpdf(target_scores, mu_in, sd_in) - stats.norm.logpdf(target_scores, mu_out, sd_out)
+    statistic = np.where((n_in >= min_each) & (n_out >= min_each), statistic, 0.0)
+    return {**roc(statistic, is_member), "scores": statistic, "in_shadows_median": float(np.median(n_in))}
+
+
 # ------------------------------------------------------------------ latent inversion
 def train_inverter(first_encoder: nn.Module, decoder_factory, public_images: torch.Tensor, steps: int,
                    device: torch.device, seed: int = 0, noise_std: float = 0.0) -> nn.Module:

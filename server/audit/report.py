@@ -78,7 +78,9 @@ def _central_lira(part: dict) -> str:
     """The sentence on a central-DP audit's LiRA shadows (or why none ran)."""
     if "shadows" not in part:
         return "LiRA was not run (--shadows 0)."
-    return f"LiRA (offline) uses {part['shadows']} OUT shadows: {html.escape(part['shadows_are'])}."
+    mode = "online" if "lira_online" in part or "lira_online" in part.get("student", {}) else "offline"
+    kind = "shadows" if mode == "online" else "OUT shadows"
+    return f"LiRA ({mode}) uses {part['shadows']} {kind}: {html.escape(part['shadows_are'])}."
 
 
 def _shipped_lira(shipped: dict, central: bool, noised: bool) -> str:
@@ -96,10 +98,10 @@ def _shipped_lira(shipped: dict, central: bool, noised: bool) -> str:
 def write_report(result: dict, out: Path) -> None:
     out = Path(out)
     mia, inv, mem, shipped = result["membership"], result["inversion"], result["memorisation"], result["shipped"]
-    plot_roc({**{k: mia[k] for k in ("loss_threshold", "lira_offline") if k in mia},
+    plot_roc({**{k: mia[k] for k in ("loss_threshold", "lira_offline", "lira_online") if k in mia},
               **{f"released set {k}": v for k, v in mia.get("released_set", {}).items()}}, out / "roc.png")
     plot_roc({f"{who} {k}": shipped[who][k] for who in ("teacher", "student") if who in shipped
-              for k in ("loss_threshold", "lira_offline") if k in shipped[who]}, out / "roc_shipped.png",
+              for k in ("loss_threshold", "lira_offline", "lira_online") if k in shipped[who]}, out / "roc_shipped.png",
              "Membership of the training data")
     plot_memorisation(mem, out / "memorisation.png")
     plot_utility(result["privacy_utility"], out / "privacy_utility.png")

@@ -94,9 +94,14 @@ def run_checkpoint(report: dict, kind: str) -> Path:
                             f"{root}; copy it there (or set FEDCONDENSE_CACHE to the folder that holds it)")
 
 
+LIRA_MODES = ("offline", "online")
+
+
 class AuditContext:
-    def __init__(self, run: Path, device: torch.device, ipc: int | None = None):
-        self.run, self.device = Path(run), device
+    def __init__(self, run: Path, device: torch.device, ipc: int | None = None, lira: str = "offline"):
+        if lira not in LIRA_MODES:
+            raise ValueError(f"--lira must be one of {', '.join(LIRA_MODES)}; got {lira!r}")
+        self.run, self.device, self.lira = Path(run), device, lira
         self.report = json.loads((self.run / "report.json").read_text())
         cfg = self.report["config"]
         self.data_cfg = _cfg(DataConfig, cfg["data"])
@@ -195,13 +200,28 @@ def central_membership(ctx: AuditContext, shadows: int, candidates: int) -> dict
            "released_set": {"nearest_synthetic": attacks.attack_figures(
                attacks.nearest_synthetic_scores(x.cpu(), ctx.synthetic.images), is_member, ctx.delta)}}
     if shadows > 0:
-        shadow_out = np.stack([attacks.example_scores(
-            train_student(syn.images, syn.labels, replace(ctx.student_cfg, seed=1000 + s), ctx.device,
-                          desc=f"shadow {s}"), x, y) for s, syn in enumerate(central_shadow_sets(ctx, member_idx, shadows))])
-        out["lira_offline"] = _lira(target_scores, shadow_out, is_member, ctx.delta)
-        out["shadows"] = shadows
-        out["shadows_are"] = CENTRAL_SHADOWS
+        set_only = lambda s, syn: attacks.example_scores(train_student(
+            syn.images, syn.labels, replace(ctx.student_cfg, seed=1000 + s), ctx.device, desc=f"shadow {s}"), x, y)
+        out.update(central_lira(ctx, target_scores, set_only, member_idx, x, y, is_member, shadows))
     return out
+
+
+def central_lira(ctx: AuditContext, target_scores: np.ndarray, shadow_scores, member_idx: torch.Tensor,
+                 x: torch.Tensor, y: torch.Tensor, is_member: np.ndarray, shadows: int) -> dict:
+    """LiRA on a central-DP run's artifact: `shadow_scores(s, shadow set)` scores the candidates on the
+    artifact rebuilt from shadow s; offline (`CENTRAL_SHADOWS`) or online (`CENTRAL_ONLINE_SHADOWS`) as
+    `ctx.lira` says."""
+    if ctx.lira == "online":
+        sets, inside = central_online_shadows(ctx, member_idx, x, y, shadows)
+        scores = np.stack([shadow_scores(s, syn) for s, syn in enumerate(sets)])
+        online = attacks.lira_online(target_scores, scores, inside, is_member)
+        statistic = online.pop("scores")
+        return {"lira_online": {**online, "ci": attacks.bootstrap_intervals(statistic, is_member),
+                                "empirical_epsilon": attacks.empirical_epsilon(statistic, is_member, ctx.delta)},
+                "shadows": shadows, "shadows_are": CENTRAL_ONLINE_SHADOWS}
+    scores = np.stack([shadow_scores(s, syn) for s, syn in enumerate(central_shadow_sets(ctx, member_idx, shadows))])
+    return {"lira_offline": _lira(target_scores, scores, is_member, ctx.delta), "shadows": shadows,
+            "shadows_are": CENTRAL_SHADOWS}
 
 
 CENTRAL_SHADOWS = ("the one release repeated on the pool without the candidate members (the run's networks, clip norm "
@@ -213,26 +233,71 @@ CENTRAL_SHADOWS = ("the one release repeated on the pool without the candidate m
 def central_shadow_sets(ctx: AuditContext, member_idx: torch.Tensor, shadows: int) -> list[SyntheticSet]:
     """OUT shadow sets of a central-DP run (`CENTRAL_SHADOWS`), built once per audit and kept on `ctx`."""
     key = (tuple(member_idx.tolist()), shadows)
-    if key in ctx.central_shadows:
-        return ctx.central_shadows[key]
-    from client.encode import encode_images
-    from server.condense.private_target import EmbeddingBank, class_sums, release_class_means
-    privacy, iterations = ctx.report["privacy"], ctx.report["config"]["central"]["iterations"]
-    models = ctx.models
-    keep = torch.from_numpy(np.setdiff1d(pooled_positions(ctx.report, ctx.ds, ctx.run).numpy(), member_idx.numpy()))
-    bank = EmbeddingBank(**privacy["embedding"])
-    nets = bank.build(ctx.ds.public.images.shape[1], ctx.ds.public.images.shape[-1], ctx.device)
-    stat = class_sums(models["decoder"], encode_images(ctx.e1, ctx.ds.private.images[keep], device=ctx.device),
-                      ctx.ds.private.labels[keep], ctx.ds.num_classes, nets, privacy["clip_norm"], ctx.device)
-    public = encode_images(ctx.e1, ctx.ds.public.images, device=ctx.device)
-    ccfg = replace(ctx.condense_cfg, ipc=ctx.report["ipc"])
-    sets = []
-    for _ in range(shadows):
-        release = {"means": release_class_means(stat, privacy["noise_multiplier"]), "nets": nets, "iterations": iterations}
-        sets.append(condense(public, ctx.ds.public.labels, ctx.ds.public.ids, ctx.ds.num_classes,
-                             {**models, "private_target": release}, ctx.chain_cfg, ccfg, ctx.device))
-    ctx.central_shadows[key] = sets
-    return sets
+    if key not in ctx.central_shadows:
+        release = CentralRelease(ctx, _without(ctx, member_idx))
+        ctx.central_shadows[key] = [release.shadow_set() for _ in range(shadows)]
+    return ctx.central_shadows[key]
+
+
+CENTRAL_ONLINE_SHADOWS = ("the one release repeated on the pool without every candidate, plus a fresh random half of "
+                          "the candidates (members and non-members alike), with fresh noise; then the run's chain set "
+                          "fitted to it and the students trained on it: each candidate is IN about half the shadows")
+
+
+def central_online_shadows(ctx: AuditContext, member_idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                           shadows: int, seed: int = 7) -> tuple[list[SyntheticSet], np.ndarray]:
+    """LiRA online's shadows for a central-DP run (`CENTRAL_ONLINE_SHADOWS`) and which candidates each holds
+    ((shadows, candidates) booleans); built once per audit and kept on `ctx`."""
+    key = ("online", tuple(member_idx.tolist()), shadows, seed)
+    if key not in ctx.central_shadows:
+        from client.encode import encode_images
+        release = CentralRelease(ctx, _without(ctx, member_idx))
+        candidates = encode_images(ctx.e1, x.cpu(), device=ctx.device)
+        inside = np.random.default_rng(seed).random((shadows, len(x))) < 0.5
+        sets = [release.shadow_set(candidates[torch.from_numpy(row)], y.cpu()[torch.from_numpy(row)]) for row in inside]
+        ctx.central_shadows[key] = (sets, inside)
+    return ctx.central_shadows[key]
+
+
+def _without(ctx: AuditContext, member_idx: torch.Tensor) -> torch.Tensor:
+    """Pool positions of every pooled record but the candidate members."""
+    return torch.from_numpy(np.setdiff1d(pooled_positions(ctx.report, ctx.ds, ctx.run).numpy(), member_idx.numpy()))
+
+
+class CentralRelease:
+    """The run's one release (the embedding bank, clip norm and noise multiplier of its ledger) repeated on a
+    shadow pool, and the run's public chain set fitted to it, as the run fitted its own."""
+
+    def __init__(self, ctx: AuditContext, keep: torch.Tensor):
+        from client.encode import encode_images
+        from server.condense.private_target import EmbeddingBank
+        self.ctx, self.privacy = ctx, ctx.report["privacy"]
+        self.iterations = ctx.report["config"]["central"]["iterations"]
+        self.nets = EmbeddingBank(**self.privacy["embedding"]).build(ctx.ds.public.images.shape[1],
+                                                                     ctx.ds.public.images.shape[-1], ctx.device)
+        self.base = self._sums(encode_images(ctx.e1, ctx.ds.private.images[keep], device=ctx.device),
+                               ctx.ds.private.labels[keep])
+        self.public = encode_images(ctx.e1, ctx.ds.public.images, device=ctx.device)
+
+    def _sums(self, latents: torch.Tensor, labels: torch.Tensor):
+        from server.condense.private_target import class_sums
+        return class_sums(self.ctx.models["decoder"], latents, labels, self.ctx.ds.num_classes, self.nets,
+                          self.privacy["clip_norm"], self.ctx.device)
+
+    def shadow_set(self, extra_latents: torch.Tensor | None = None, extra_labels: torch.Tensor | None = None
+                   ) -> SyntheticSet:
+        """One shadow: the base pool (plus `extra` records), released with fresh noise, the public set fitted to it."""
+        from server.condense.private_target import release_class_means
+        stat = self.base
+        if extra_latents is not None and len(extra_latents):
+            more = self._sums(extra_latents, extra_labels)
+            stat = replace(stat, sums=stat.sums + more.sums, counts=stat.counts + more.counts)
+        ctx = self.ctx
+        release = {"means": release_class_means(stat, self.privacy["noise_multiplier"]), "nets": self.nets,
+                   "iterations": self.iterations}
+        return condense(self.public, ctx.ds.public.labels, ctx.ds.public.ids, ctx.ds.num_classes,
+                        {**ctx.models, "private_target": release}, ctx.chain_cfg,
+                        replace(ctx.condense_cfg, ipc=ctx.report["ipc"]), ctx.device)
 
 
 def pooled_against_test(ctx: AuditContext, candidates: int, seed: int = 1):
@@ -275,11 +340,10 @@ def shipped_membership(ctx: AuditContext, shadows: int, candidates: int) -> dict
     if ctx.central:
         out["teacher"]["lira_skipped"] = TEACHER_PUBLIC
     if shadows > 0 and ctx.central:
-        sets = central_shadow_sets(ctx, member_idx, shadows)
-        shadow_out = np.stack([attacks.example_scores(shipped_student(ctx, teacher, 1000 + s, syn), x, y)
-                               for s, syn in enumerate(sets)])
-        out["student"]["lira_offline"] = _lira(scores["student"], shadow_out, is_member, ctx.delta)
-        out["shadows"], out["shadows_are"] = shadows, CENTRAL_SHADOWS
+        shipped = lambda s, syn: attacks.example_scores(shipped_student(ctx, teacher, 1000 + s, syn), x, y)
+        found = central_lira(ctx, scores["student"], shipped, member_idx, x, y, is_member, shadows)
+        out["shadows"], out["shadows_are"] = found.pop("shadows"), found.pop("shadows_are")
+        out["student"].update(found)
     elif shadows > 0:
         outs = shadow_teachers_and_students(ctx, models, member_idx, x, y, shadows)
         for name in targets:
@@ -400,9 +464,12 @@ def utility_curve(run: Path, others: list[Path]) -> list[dict]:
 
 
 def run_audit(run: Path, device: torch.device, shadows: int = 4, candidates: int = 500, inverter_steps: int = 300,
-              compare: list[Path] = ()) -> dict:
+              compare: list[Path] = (), lira: str = "offline") -> dict:
     start = time.time()
-    ctx = AuditContext(run, device)
+    ctx = AuditContext(run, device, lira=lira)
+    if lira == "online" and not ctx.central:
+        raise ValueError("--lira online is built for central-DP runs (--central-epsilon); audit this run with "
+                         "--lira offline")
     figures = Path(run) / "audit"
     figures.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run), "mode": ctx.report["mode"], "privacy": ctx.report.get("privacy"),
@@ -428,7 +495,7 @@ def attack_rows(result: dict) -> list[dict]:
     targets += [(f"shipped {name} on training members", shipped[name]) for name in ("teacher", "student") if name in shipped]
     rows = []
     for target, attacks_run in targets:
-        for attack in ("loss_threshold", "lira_offline", "nearest_synthetic"):
+        for attack in ("loss_threshold", "lira_offline", "lira_online", "nearest_synthetic"):
             if attack in attacks_run:
                 r = attacks_run[attack]
                 rows.append({"target": target, "attack": attack, "auc": r["auc"], "auc_ci": r["ci"]["auc"],
