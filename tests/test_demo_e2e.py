@@ -108,8 +108,10 @@ def test_demo_scale_synthetic_student_beats_chance(tmp_path):
     assert report["accuracy"]["synthetic"] > 0.35
 
 
-def test_audit_page_renders_in_chromium(tiny_run, tmp_path):
+def test_audit_page_renders_in_chromium(tiny_run, tmp_path, capsys):
     """`fedcondense audit` on the tiny run; audit.html loads in headless Chromium and every figure exists."""
+    assert main(["audit", str(tiny_run), "--lira", "online", "--device", "cpu"]) == 2   # needs a central release
+    assert "built for central-DP runs" in capsys.readouterr().err and not (tiny_run / "audit").exists()
     assert main(["audit", str(tiny_run), "--shadows", "1", "--candidates", "60", "--inverter-steps", "20",
                  "--device", "cpu"]) == 0
     page = tiny_run / "audit" / "audit.html"

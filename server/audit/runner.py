@@ -119,6 +119,9 @@ class AuditContext:
         privacy = self.report.get("privacy") or {}
         self.noised = privacy.get("mechanism", "none") != "none"
         self.central = is_central(privacy)
+        if lira == "online" and not self.central:
+            raise ValueError("--lira online is built for central-DP runs (--central-epsilon); audit this run with "
+                             "--lira offline")
         self.claimed_epsilon = privacy.get("epsilon") if self.noised else None
         self.delta = privacy.get("delta") if self.noised else default_delta(len(self.ds.private))
         if self.central:       # public latents conditioned the set; every pooled record entered through the release
@@ -215,10 +218,8 @@ def central_lira(ctx: AuditContext, target_scores: np.ndarray, shadow_scores, me
         sets, inside = central_online_shadows(ctx, member_idx, x, y, shadows)
         scores = np.stack([shadow_scores(s, syn) for s, syn in enumerate(sets)])
         online = attacks.lira_online(target_scores, scores, inside, is_member)
-        statistic = online.pop("scores")
-        return {"lira_online": {**online, "ci": attacks.bootstrap_intervals(statistic, is_member),
-                                "empirical_epsilon": attacks.empirical_epsilon(statistic, is_member, ctx.delta)},
-                "shadows": shadows, "shadows_are": CENTRAL_ONLINE_SHADOWS}
+        return {"lira_online": _with_intervals(online, is_member, ctx.delta), "shadows": shadows,
+                "shadows_are": CENTRAL_ONLINE_SHADOWS}
     scores = np.stack([shadow_scores(s, syn) for s, syn in enumerate(central_shadow_sets(ctx, member_idx, shadows))])
     return {"lira_offline": _lira(target_scores, scores, is_member, ctx.delta), "shadows": shadows,
             "shadows_are": CENTRAL_SHADOWS}
@@ -314,7 +315,11 @@ def pooled_against_test(ctx: AuditContext, candidates: int, seed: int = 1):
 
 def _lira(target_scores: np.ndarray, shadow_out: np.ndarray, is_member: np.ndarray, delta: float) -> dict:
     """LiRA offline's ROC figures, with the bootstrap intervals and epsilon bound of its statistic."""
-    lira = attacks.lira_offline(target_scores, shadow_out, is_member)
+    return _with_intervals(attacks.lira_offline(target_scores, shadow_out, is_member), is_member, delta)
+
+
+def _with_intervals(lira: dict, is_member: np.ndarray, delta: float) -> dict:
+    """A LiRA result's figures, its per-example statistic replaced by its bootstrap intervals and epsilon bound."""
     statistic = lira.pop("scores")
     return {**lira, "ci": attacks.bootstrap_intervals(statistic, is_member),
             "empirical_epsilon": attacks.empirical_epsilon(statistic, is_member, delta)}
@@ -467,9 +472,6 @@ def run_audit(run: Path, device: torch.device, shadows: int = 4, candidates: int
               compare: list[Path] = (), lira: str = "offline") -> dict:
     start = time.time()
     ctx = AuditContext(run, device, lira=lira)
-    if lira == "online" and not ctx.central:
-        raise ValueError("--lira online is built for central-DP runs (--central-epsilon); audit this run with "
-                         "--lira offline")
     figures = Path(run) / "audit"
     figures.mkdir(parents=True, exist_ok=True)
     result = {"run": str(run), "mode": ctx.report["mode"], "privacy": ctx.report.get("privacy"),
