@@ -8,6 +8,7 @@ standard protocol's evaluators (server/distill/evaluate.py: whole passes shared 
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -27,8 +28,17 @@ def join_workers() -> None:
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(_leave_workers)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _leave_workers() -> None:
+    """Destroy the process group while the interpreter is still whole: a gloo group left to the interpreter's
+    teardown can abort the process ('terminate called without an active exception', pytorch/pytorch#190489)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

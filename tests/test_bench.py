@@ -72,6 +72,7 @@ def test_scaling_sizes_cut_to_the_pool():
     assert scaling_sizes((200, 0), 1500) == [200, 1500]
 
 
+@pytest.mark.slow       # `make test-all` (~1 min, mostly process start-up); tests/test_federation_sim.py keeps a real fleet in `make test`
 def test_federation_bench_measures_each_fleet_size(tmp_path):
     """Two real simulated collections (2 and 4 clients, fresh processes): every client pooled, the first
     encoder sent once per client, the server's and the workers' memory measured, a plot and a table."""
