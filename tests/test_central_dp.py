@@ -113,10 +113,10 @@ def test_a_central_dp_demo_ships_a_set_whose_ledger_covers_every_pooled_record(t
     page = (out / "audit" / "audit.html").read_text()
     assert "Central DP on the trusted server" in page and "public split alone" in page
     # LiRA online: each shadow holds a random half of all candidates (members and test images alike)
-    assert main(["audit", str(out), "--lira", "online", "--shadows", "2", "--candidates", "40", "--inverter-steps", "5",
-                 "--device", "cpu"]) == 0
-    online = json.loads((out / "audit" / "audit.json").read_text())
-    targets = {(r["target"], r["attack"]) for r in online["verdict"]["attacks"]}
-    assert {("student (soft labels) on pooled records", "lira_online"),
-            ("shipped student on training members", "lira_online")} <= targets
-    assert "random half" in online["membership"]["shadows_are"] and "LiRA (online)" in (out / "audit" / "audit.html").read_text()
+    from server.audit.report import set_section
+    from server.audit.runner import AuditContext, central_membership
+    online = central_membership(AuditContext(out, torch.device("cpu"), lira="online"), shadows=2, candidates=40)
+    assert "lira_offline" not in online and online["shadows"] == 2 and "random half" in online["shadows_are"]
+    r = online["lira_online"]
+    assert r["ci"]["auc"][0] <= r["auc"] <= r["ci"]["auc"][1] and r["empirical_epsilon"]["epsilon_lower_bound"] >= 0
+    assert "LiRA (online) uses 2 shadows" in set_section(online)
