@@ -24,6 +24,9 @@ def example_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return np.concatenate(out)
 
 
+MODEL_ATTACKS = ("loss_threshold", "lira_offline", "lira_online")      # the result keys of attacks on a model
+
+
 def roc(scores: np.ndarray, is_member: np.ndarray) -> dict:
     """ROC of 'higher score = member': AUC and TPR at 1 % and 0.1 % FPR, plus the curve for plots."""
     order = np.argsort(-scores, kind="stable")

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from server.audit.attacks import MODEL_ATTACKS  # noqa: E402
+
 FIGURES = ("roc.png", "roc_shipped.png", "inversion.png", "memorisation.png", "closest_pairs.png", "privacy_utility.png")
 
 
@@ -98,10 +100,10 @@ def _shipped_lira(shipped: dict, central: bool, noised: bool) -> str:
 def write_report(result: dict, out: Path) -> None:
     out = Path(out)
     mia, inv, mem, shipped = result["membership"], result["inversion"], result["memorisation"], result["shipped"]
-    plot_roc({**{k: mia[k] for k in ("loss_threshold", "lira_offline", "lira_online") if k in mia},
+    plot_roc({**{k: mia[k] for k in MODEL_ATTACKS if k in mia},
               **{f"released set {k}": v for k, v in mia.get("released_set", {}).items()}}, out / "roc.png")
     plot_roc({f"{who} {k}": shipped[who][k] for who in ("teacher", "student") if who in shipped
-              for k in ("loss_threshold", "lira_offline", "lira_online") if k in shipped[who]}, out / "roc_shipped.png",
+              for k in MODEL_ATTACKS if k in shipped[who]}, out / "roc_shipped.png",
              "Membership of the training data")
     plot_memorisation(mem, out / "memorisation.png")
     plot_utility(result["privacy_utility"], out / "privacy_utility.png")

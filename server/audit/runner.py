@@ -497,7 +497,7 @@ def attack_rows(result: dict) -> list[dict]:
     targets += [(f"shipped {name} on training members", shipped[name]) for name in ("teacher", "student") if name in shipped]
     rows = []
     for target, attacks_run in targets:
-        for attack in ("loss_threshold", "lira_offline", "lira_online", "nearest_synthetic"):
+        for attack in (*attacks.MODEL_ATTACKS, "nearest_synthetic"):
             if attack in attacks_run:
                 r = attacks_run[attack]
                 rows.append({"target": target, "attack": attack, "auc": r["auc"], "auc_ci": r["ci"]["auc"],
