@@ -17,7 +17,7 @@ import torch
 from client.encode import encode_images
 from server.distill.baseline_cache import baseline_score
 from server.condense.chain import SyntheticSet, condense, decode_latents
-from server.distill.losses import needs_teacher, teacher_view_strength
+from server.distill.losses import needs_teacher, teacher_views
 from server.condense.pretrain import load_or_train_autoencoder, load_or_train_chain
 from server.distill.evaluate import LabelledSet, evaluate_sets
 from server.condense.formation import expand
@@ -341,7 +341,7 @@ def make_report(ds: Dataset, cfg: DemoConfig, info: dict, per_ipc: list[dict], f
                      "full_real": full["accuracy"] if full else None},
         "over_seeds": main.get("over_seeds"),
         "student_loss": cfg.student.loss, "teacher": info.get("teacher"),
-        "teacher_view": teacher_view_strength(cfg.student.loss, cfg.student.teacher_strength) if info.get("teacher") else None,
+        "teacher_views": teacher_views(cfg.student.loss, cfg.student.teacher_strength) if info.get("teacher") else None,
         "seconds": {"pretrain": info["pretrain"], "encode": info.get("encode"),
                     "teacher": (info.get("teacher") or {}).get("seconds", 0.0),
                     "collect": info.get("federation", {}).get("collect_seconds"),

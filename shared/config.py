@@ -86,7 +86,7 @@ class StudentConfig:
     augment: str = "affine"                 # shared/augment.py: 'affine' | 'dsa' | 'none'
     loss: str = "soft_ce:0.25,kd:1"         # loss spec (server/distill/losses.py); any term but soft_ce uses the teacher
     teacher_steps: int = 300                # the server's teacher, trained on the pooled latents (server/distill/teacher.py)
-    teacher_strength: Optional[float] = None  # teacher's augmentation relative to the student's; None: the loss decides
+    teacher_strength: Optional[float] = None  # teacher's augmentation relative to the student's; None: each loss term asks for its own
     full_epochs: float = 0.3                # the full-real upper bound trains by epochs (0.3 ~ 63 steps at demo scale)
     seed: int = 0
 

@@ -37,7 +37,7 @@ def test_tiny_demo_report(tiny_run, capsys):
     assert report["accuracy"]["random_real"] > 0.3, "the shared student recipe learns from 40 real images"
     assert report["accuracy"]["synthetic"] > 0.3, "the synthetic-set student beats chance (0.1) by a clear margin"
     assert report["student_loss"] == StudentConfig.loss, "the demo's students distil from the server's teacher"
-    assert report["teacher_view"] == 1.0, "plain KD: the teacher labels the view the student trains on"
+    assert report["teacher_views"] == {"kd": 1.0}, "plain KD: the teacher labels the view the student trains on"
     assert 0.3 < report["teacher"]["accuracy"] <= 1 and report["teacher"]["steps"] == 10
     syn = SyntheticSet.load(tiny_run / "ipc4")
     assert torch.isfinite(syn.images).all() and syn.images.abs().max() <= 1

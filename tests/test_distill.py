@@ -106,31 +106,46 @@ def test_a_teacher_the_loss_never_consults_is_ignored(setup):
         hook.remove()
 
 
-def test_teacher_view_follows_the_loss_unless_set():
+def test_teacher_view_follows_each_term_unless_set():
     """Plain KD labels the student's own view; docs/spec.md §2's MI loss asks for a weak one; an override wins."""
-    from server.distill.losses import teacher_view_strength
-    assert teacher_view_strength("soft_ce:0.25,kd:1") == 1.0 and teacher_view_strength("dkd") == 1.0
-    assert teacher_view_strength("soft_ce:1,mi_prior:1") == 0.5
-    assert teacher_view_strength("kd", 0.3) == 0.3
+    from server.distill.losses import teacher_views
+    assert teacher_views("soft_ce:0.25,kd:1") == {"kd": 1.0} and teacher_views("dkd") == {"dkd": 1.0}
+    assert teacher_views("soft_ce:1,mi_prior:1") == {"mi_prior": 0.5}
+    assert teacher_views("soft_ce:0.1,kd:0.9,mi_prior:1") == {"kd": 1.0, "mi_prior": 0.5}
+    assert teacher_views("kd,mi_prior", 0.3) == {"kd": 0.3, "mi_prior": 0.3}
+    assert teacher_views("soft_ce") == {}
     with pytest.raises(ValueError, match=r"teacher_strength must be in \[0, 1\]"):
-        teacher_view_strength("kd", 1.5)
+        teacher_views("kd", 1.5)
 
 
-@pytest.mark.parametrize("spec, same_view", [("soft_ce:0.25,kd:1", True), ("soft_ce:1,mi_prior:1", False)])
-def test_teacher_sees_the_view_its_loss_asks_for(setup, spec, same_view, monkeypatch):
-    """What reaches the teacher in training: the student's exact input for KD, a different one for MI."""
+def test_each_term_reads_the_teacher_on_its_own_view():
+    """MI beside KD: KD's labels stay on the student's view, MI's come from the weak one."""
+    from server.distill.losses import LossInputs
+    from server.distill.student import _teacher_logits
+    inp = LossInputs(torch.zeros(2, 3), torch.zeros(2, 3))
+    _teacher_logits(inp, torch.nn.Identity(), {"kd": 1.0, "mi_prior": 0.5}, lambda s: torch.full((2, 3), s))
+    assert torch.equal(inp.need_teacher("kd"), torch.full((2, 3), 1.0))
+    assert torch.equal(inp.need_teacher("mi_prior"), torch.full((2, 3), 0.5))
+    assert torch.equal(inp.teacher_logits, torch.full((2, 3), 1.0))
+
+
+@pytest.mark.parametrize("spec, passes, same_view_last", [("soft_ce:0.25,kd:1", 1, True),
+                                                          ("soft_ce:1,mi_prior:1", 1, False),
+                                                          ("soft_ce:0.1,kd:0.9,mi_prior:1", 2, True)])
+def test_teacher_sees_the_views_its_losses_ask_for(setup, spec, passes, same_view_last, monkeypatch):
+    """What reaches the teacher in training: the student's exact input for KD, a different one for MI, both
+    (the weak one first) for MI beside KD."""
     import server.distill.student as student_module
     ds, teacher = setup
-    seen, hooks = {}, []
-    record = lambda key: (lambda module, args: seen.__setitem__(key, args[0].detach().clone()))
+    seen, hooks = {"teacher": []}, []
     build = student_module.build_student
 
     def build_and_record(*args, **kwargs):
         model = build(*args, **kwargs)
-        hooks.append(model.register_forward_pre_hook(record("student")))
+        hooks.append(model.register_forward_pre_hook(lambda module, args: seen.__setitem__("student", args[0].clone())))
         return model
     monkeypatch.setattr(student_module, "build_student", build_and_record)
-    hooks.append(teacher.register_forward_pre_hook(record("teacher")))
+    hooks.append(teacher.register_forward_pre_hook(lambda module, args: seen["teacher"].append(args[0].clone())))
     x, y = ds.private.images[:64], torch.nn.functional.one_hot(ds.private.labels[:64], 10).float()
     try:
         train_student(x, y, StudentConfig(model="convnet3_w32", steps=1, batch_size=32), torch.device("cpu"),
@@ -138,8 +153,10 @@ def test_teacher_sees_the_view_its_loss_asks_for(setup, spec, same_view, monkeyp
     finally:
         for hook in hooks:
             hook.remove()
-    assert seen["teacher"].shape == seen["student"].shape == (32, 1, 32, 32)
-    assert torch.equal(seen["teacher"], seen["student"]) == same_view
+    views = seen["teacher"][-passes:]           # the passes of the training step (feature probing runs first)
+    assert all(v.shape == seen["student"].shape == (32, 1, 32, 32) for v in views)
+    assert torch.equal(views[-1], seen["student"]) == same_view_last
+    assert not any(torch.equal(v, seen["student"]) for v in views[:-1])
 
 
 def test_a_native_run_on_the_same_setting_updates_its_file_whatever_device_string_it_named(tmp_path):

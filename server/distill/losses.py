@@ -214,15 +214,15 @@ def spec_caveats(spec: str) -> list[str]:
             and (getattr(LOSSES[name], "caveat_applies", "alone") == "always" or not has_logit_term)]
 
 
-def teacher_view_strength(spec: str, override: float | None = None) -> float:
-    """The teacher's augmentation strength relative to the student's: `override` when set, else the
-    weakest view any term of `spec` asks for (a class attribute `teacher_view`; docs/spec.md §2's MI loss: 0.5),
-    else 1.0 - plain logit KD labels exactly the view the student trains on."""
-    if override is not None:
-        if not 0 <= override <= 1:
-            raise ValueError(f"teacher_strength must be in [0, 1] (0: no augmentation, 1: the student's), got {override}")
-        return float(override)
-    return min((getattr(LOSSES[name], "teacher_view", 1.0) for name, _ in parse_loss_spec(spec)), default=1.0)
+def teacher_views(spec: str, override: float | None = None) -> dict[str, float]:
+    """For each term of `spec` that consults the teacher, the augmentation strength of the view its teacher
+    logits come from, relative to the student's: `override` when set, else the term's own `teacher_view`
+    (docs/spec.md §2's MI loss: 0.5, a weak view), else 1.0 - logit KD labels exactly the view the student
+    trains on. Each term gets its own view, so MI beside KD does not move KD's labels to the weak view."""
+    if override is not None and not 0 <= override <= 1:
+        raise ValueError(f"teacher_strength must be in [0, 1] (0: no augmentation, 1: the student's), got {override}")
+    return {name: float(override) if override is not None else float(getattr(LOSSES[name], "teacher_view", 1.0))
+            for name, _ in parse_loss_spec(spec) if name != "soft_ce"}
 
 
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:

@@ -26,12 +26,14 @@ class LossInputs:
     student_features: torch.Tensor | None = None   # (B, n, H, W) at the distillation point
     teacher_features: torch.Tensor | None = None   # (B, m, H, W), same H, W
     progress: float = 1.0                          # fraction of the training steps done (DKD's warm-up)
+    teacher_by_term: dict = field(default_factory=dict)  # a term's teacher logits when its view differs
     extras: dict = field(default_factory=dict)
 
     def need_teacher(self, name: str) -> torch.Tensor:
+        """The teacher's logits on the view term `name` asks for (losses.teacher_views)."""
         if self.teacher_logits is None:
             raise ValueError(f"loss '{name}' needs a teacher: pass --teacher (see `fedcondense distill --help`)")
-        return self.teacher_logits
+        return self.teacher_by_term.get(name, self.teacher_logits)
 
     def need_features(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.student_features is None or self.teacher_features is None:

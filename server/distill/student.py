@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from server.distill.losses import LossInputs, build_losses, needs_teacher, parse_loss_spec, teacher_view_strength
+from server.distill.losses import LossInputs, build_losses, needs_teacher, parse_loss_spec, teacher_views
 from shared.augment import AUGMENTATIONS
 from shared.cache import config_hash, fingerprint, state_fingerprint, to_jsonable
 from shared.checkpoint import LoopCheckpoint
@@ -34,9 +34,10 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     `trace` (a list), every `trace_every` steps it gets each loss term's value (unweighted) and the
     student's gradient norm: what a diagnosis of a failing loss reads.
 
-    With a `teacher`, each batch is augmented twice from the same random draws: for the student, and
-    for the teacher at `teacher_view_strength` of its magnitude (1: the same view; docs/spec.md §2's MI loss:
-    a weaker one); the teacher's logits and both networks' distillation-point features reach the losses.
+    With a `teacher`, each batch is augmented from the same random draws for the student and, once per
+    strength that a term asks for (`teacher_views`: 1 is the student's own view; docs/spec.md §2's MI loss:
+    a weaker one), for the teacher; each term reads the teacher's logits on its own view, and both networks'
+    distillation-point features (the teacher's on its strongest view) reach the losses.
     A teacher that no term of `loss` consults (plain soft_ce) is ignored: callers pass theirs unconditionally.
 
     Under torchrun every worker draws the whole batch and its augmentations, trains on its slice of the rows
@@ -60,7 +61,7 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     opt = torch.optim.SGD(params, lr=student_lr(cfg, batch), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     augment = AUGMENTATIONS[cfg.augment]
-    teacher_strength = teacher_view_strength(loss, cfg.teacher_strength)
+    views = teacher_views(loss, cfg.teacher_strength)
     state = LoopCheckpoint(checkpoint, config_hash([fingerprint(images), fingerprint(targets), to_jsonable(cfg), steps,
                                                      loss, state_fingerprint(teacher), str(device)]))
     first = state.restore(_Trained(model, terms), opt, sched, [gen])
@@ -77,9 +78,7 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
             inp = LossInputs(model(augment(x, 1.0, gen)[mine]).float(), targets[idx][mine].to(device),
                              progress=step / steps)
             if teacher is not None:
-                with torch.no_grad():
-                    view = augment(x, teacher_strength, torch.Generator().set_state(draws))[mine]
-                    inp.teacher_logits = teacher(view).float()
+                _teacher_logits(inp, teacher, views, lambda s: augment(x, s, torch.Generator().set_state(draws))[mine])
                 inp.student_features, inp.teacher_features = taps[0].value, taps[1].value
             values = [module(inp) for module, _ in terms]
             total = sum(w * v for (_, w), v in zip(terms, values))
@@ -98,6 +97,15 @@ def train_student(images: torch.Tensor, targets: torch.Tensor, cfg: StudentConfi
     for tap in taps or ():
         tap.remove()
     return model.eval()
+
+
+@torch.no_grad()
+def _teacher_logits(inp: LossInputs, teacher: nn.Module, views: dict[str, float], view_at) -> None:
+    """One teacher pass per distinct view strength, weakest first, so the strongest view's features stay in the
+    feature tap; `inp.teacher_logits` is that view's, and each term on another view finds its own by name."""
+    by_strength = {s: teacher(view_at(s)).float() for s in sorted(set(views.values()))}
+    inp.teacher_logits = by_strength[max(by_strength)]
+    inp.teacher_by_term = {name: by_strength[s] for name, s in views.items() if s != max(by_strength)}
 
 
 def _hint_stage(model, teacher, taps, hint, images, cfg: StudentConfig, device, steps: int, batch: int, augment,
