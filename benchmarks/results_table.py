@@ -28,7 +28,8 @@ def _bench_rows(doc: dict, name: str) -> list[list[str]]:
         arm = NAMES.get(r["arm"], r["arm"])
         if r["arm"] == "dm" and f"ipc{r['ipc']}" in dm:
             arm += f" ({dm['ipc' + str(r['ipc'])]['iterations']:,} of its 20,000 iterations)"
-        one_set = r["arm"] == "full_real" or r["arm"].startswith("max_coverage")     # one set, seed 0
+        one_set = (r["arm"] == "full_real" or r["arm"].startswith("max_coverage")    # one set, seed 0
+                   or len(r.get("seed_means", [])) == 1 < seeds)                        # coresets: one pick
         per = f"{cfg['evaluators']} x 1" if one_set else f"{cfg['evaluators']} x {seeds} seeds"
         ipc = r["ipc"] or ("all" if not r["arm"].startswith("max_coverage") else f"{doc['max_coverage']['synthetic_images']:,} images")
         rows.append([arm, str(ipc), f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
