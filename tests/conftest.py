@@ -39,15 +39,3 @@ def tiny_models():
         "second_encoder": SecondEncoder(4, 32, 4, 32).eval(),
         "noise_estimators": NoiseEstimators(4, "separate", 4, 8, (16, 32), 32).eval(),
     }
-
-
-# Seconds of each test file under `make test` (2-core CPU, `pytest -n 2 --dist loadfile --durations=0`, summed per
-# file); unlisted files take under 35 s. pytest-xdist hands files to its workers in collection order, so the longest
-# go first and the short ones fill in at the end (longest-first scheduling), instead of a long file starting last.
-FILE_SECONDS = {"test_deployment.py": 180, "test_condense_crash.py": 141, "test_central_dp.py": 130,
-                "test_standard_protocol.py": 92, "test_bench.py": 91, "test_demo_e2e.py": 81,
-                "test_federation_sim.py": 72}
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))    # stable: order within a file is kept
