@@ -4,8 +4,9 @@ standard evaluation protocol (server/distill/evaluate.py), every arm in the same
 Arms per IPC and condensation seed (each scored by `evaluators` ConvNet-3s trained from scratch):
 - ours variants (docs/spec.md §1 chain; options in shared/config.py `CondenseConfig`):
   `ours_patent` (the gradient-free chain: no guidance), `ours` (the recipe's default), `ours_refined`
-  (latents refined by distribution matching), `ours_formed` (multi-image formation x2),
-  `ours_formed_refined` (both);
+  (latents refined by distribution matching, the recipe's objective), `ours_refined_mean` /
+  `ours_refined_mmd` (the refinement with DM's class-mean match / M3D's kernel MMD, whatever the recipe
+  says), `ours_formed` (multi-image formation x2), `ours_formed_refined` (both);
 - `random_real` (equal per-class count), `random_real_formed` (4 real images per stored image, formed
   alike), `herding`, `k_center` (coresets in the features of a ConvNet-3 trained on all the data),
   `dm` (Distribution Matching at its published settings unless `dm_iterations` says otherwise);
@@ -47,9 +48,12 @@ PUBLISHED = {  # Fashion-MNIST, ConvNet-3, hard labels, IPC 1 / 10 / 50 (each pa
     "herding (DC's table)": (67.0, 71.1, 71.9), "k-center (DC's table)": (66.9, 54.7, 68.3),
     "whole dataset (DC's table)": (93.5, 93.5, 93.5)}
 OURS = {"ours_patent": dict(guidance=0.0), "ours": {}, "ours_refined": dict(refine=True),
+        "ours_refined_mean": dict(refine=True, refine_objective="mean"),
+        "ours_refined_mmd": dict(refine=True, refine_objective="mmd"),
         "ours_formed": dict(formation=2), "ours_formed_refined": dict(formation=2, refine=True),
         "ours_mixed_refined": dict(class_plan="mixed", refine=True)}
-ARMS = (*OURS, "random_real", "random_real_formed", "herding", "k_center", "dm")
+ARMS = (*(a for a in OURS if not a.startswith("ours_refined_")), "random_real", "random_real_formed", "herding",
+        "k_center", "dm")                            # the default arms; `ours_refined_<objective>` on request
 MAX_COVERAGE_ARMS = {"max_coverage": {}, "max_coverage_patent": dict(guidance=0.0, refine_iterations=0),
                      "max_coverage_random_real": None}
 
@@ -207,7 +211,8 @@ def ours_sets(ipc: int, ctx: dict, cfg: StandardBenchConfig, dev, run: Run) -> l
         base = chains[chain_key(opts)]
         if opts.get("refine"):
             rcfg = replace(cfg.condense, refine_iterations=cfg.refine_iterations, refine_lr=cfg.refine_lr,
-                           formation=factor, seed=cfg.seeds[0])
+                           formation=factor, seed=cfg.seeds[0],
+                           refine_objective=opts.get("refine_objective", cfg.condense.refine_objective))
             base = refined(base, pool.images, pool.labels, k, ctx["models"]["decoder"], rcfg, dev,
                            time_limit=max(30.0, 0.15 * run.left()))
             run.doc["condense_seconds"][f"refine|{arm}|ipc{ipc}"] = [base[0].meta["refine"]["seconds"] / len(base)]
@@ -334,6 +339,10 @@ def random_real_like(private: ImageSplit, counts: torch.Tensor | None, seed: int
 
 
 def run_standard_bench(cfg: StandardBenchConfig, out_dir: Path) -> Path:
+    unknown = set(cfg.arms) - set(OURS) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown standard-bench arm(s) {sorted(unknown)}; choose from "
+                         f"{' '.join(dict.fromkeys((*OURS, *ARMS)))}")
     dev = resolve_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"fmnist-standard-{cfg.recipe}-{machine_name(dev)}.json"

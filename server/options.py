@@ -47,6 +47,9 @@ def add_condense(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-iterations", type=int, default=None,
                    help="refine the chain's latents by distribution matching for this many iterations (default 0)")
     p.add_argument("--refine-lr", type=float, default=None, help="Adam learning rate of the refinement (default 0.01)")
+    p.add_argument("--refine-objective", choices=["mean", "mmd"], default=None,
+                   help="how the refinement compares each class: 'mean' (DM's class-mean match) or 'mmd' "
+                        "(Gaussian-kernel MMD, as M3D); default: the recipe's")
     p.add_argument("--condense-batch", type=int, default=None,
                    help="synthetic images per chain batch, the unit that is kept on disk for resuming and shared "
                         "out over workers (default 500)")
@@ -107,7 +110,7 @@ def demo_config(args):
                      batch_size=args.chain_batch, prediction=args.prediction)
     cond = override(cfg.condense, selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
                     formation=getattr(args, "formation", None), refine_iterations=getattr(args, "refine_iterations", None),
-                    refine_lr=getattr(args, "refine_lr", None),
+                    refine_lr=getattr(args, "refine_lr", None), refine_objective=getattr(args, "refine_objective", None),
                     sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
                     ratio=getattr(args, "ratio", None), guidance=getattr(args, "guidance", None),
                     guidance_terms=getattr(args, "guidance_terms", None),

@@ -67,6 +67,7 @@ class CondenseConfig:
     formation: int = 1                      # multi-image formation (server/condense/formation.py): factor^2 chain images per stored image
     refine_iterations: int = 0              # latent distribution matching after the chain (server/condense/refine.py); 0: off
     refine_lr: float = 0.01                 # Adam on the chain's latents
+    refine_objective: str = "mean"          # per-class comparison (server/condense/matching.py): 'mean' (DM) | 'mmd' (M3D)
     refine_real_per_class: int = 6000       # decoded pool latents per class that the refinement matches
     refine_real_batch: int = 256            # real images per class and iteration (DM's 256)
     batch_size: int = 500

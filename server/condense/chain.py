@@ -168,8 +168,10 @@ def refined(syn: SyntheticSet | list[SyntheticSet], latents, labels, num_classes
     sets = syn if many else [syn]
     out = refine_latents([s.latents for s in sets], [s.labels.argmax(1) for s in sets], decoder, latents, labels,
                          num_classes, cfg.refine_iterations, cfg.refine_lr, device, cfg.formation,
-                         cfg.refine_real_per_class, cfg.refine_real_batch, seed=cfg.seed, time_limit=time_limit)
-    done = with_refined_latents(sets, out, decoder, cfg, device, sets_in_one_loop=len(sets))
+                         cfg.refine_real_per_class, cfg.refine_real_batch, seed=cfg.seed, time_limit=time_limit,
+                         objective=cfg.refine_objective)
+    done = with_refined_latents(sets, out, decoder, cfg, device, sets_in_one_loop=len(sets),
+                                objective=cfg.refine_objective)
     return done if many else done[0]
 
 

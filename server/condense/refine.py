@@ -1,5 +1,5 @@
 """Refining the chain's latents with a matching objective in latent space (an option beyond
-docs/spec.md §1; `CondenseConfig.refine_iterations`).
+docs/spec.md §1; `CondenseConfig.refine_iterations`, `refine_objective`).
 
 The chain's final latents z are the starting point; they are optimised so that the decoded images
 D(z) match, class by class, the distribution of the pool under random ConvNet embeddings (distribution
@@ -43,8 +43,9 @@ def tile_view(images: torch.Tensor, factor: int) -> torch.Tensor:
 def refine_latents(zs: list[torch.Tensor], classes: list[torch.Tensor], decoder, pool_latents: torch.Tensor,
                    pool_labels: torch.Tensor, num_classes: int, iterations: int, lr: float, device: torch.device,
                    factor: int = 1, real_per_class: int = 6000, real_batch: int = 256, seed: int = 0,
-                   time_limit: float = float("inf")) -> dict:
-    """Refine several sets of chain latents (e.g. one per seed) in one loop; Adam on the latents.
+                   time_limit: float = float("inf"), objective: str = "mean") -> dict:
+    """Refine several sets of chain latents (e.g. one per seed) in one loop; Adam on the latents, each class
+    compared by `objective` (server/condense/matching.py `MATCH_OBJECTIVES`).
     Returns {'latents': [refined (n, c, s, s) on the CPU per set], 'losses', 'seconds'}."""
     decoder = decoder.eval().requires_grad_(False)
     real, real_labels = decoded_pool(decoder, pool_latents, pool_labels, real_per_class, device, seed)
@@ -53,7 +54,7 @@ def refine_latents(zs: list[torch.Tensor], classes: list[torch.Tensor], decoder,
     params = [Parameterisation(f"chain latents {i}", z.detach().clone().to(device).requires_grad_(True), render, cls,
                                lambda ps: torch.optim.Adam(ps, lr=lr)) for i, (z, cls) in enumerate(zip(zs, classes))]
     info = match(params, real, real_labels.to(device), num_classes, iterations, device, real_batch, seed,
-                 desc="refine latents", time_limit=time_limit)
+                 desc="refine latents", time_limit=time_limit, objective=objective)
     decoder.requires_grad_(True)
     return {"latents": [p.params.detach().cpu() for p in params], "losses": [p.losses for p in params],
             "seconds": info["seconds"], "iterations": info["iterations"]}

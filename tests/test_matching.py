@@ -1,0 +1,68 @@
+"""The matching objectives (server/condense/matching.py): what each one compares, and that `match`
+optimises the one it is given."""
+import pytest
+import torch
+
+from server.condense.matching import MATCH_OBJECTIVES, class_mean_loss, class_mmd_loss, match, pixel_set
+from shared.config import DataConfig
+from shared.data import load_dataset
+
+
+def test_mmd_sees_a_collapsed_set_that_the_class_mean_cannot():
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(2, 64, 8, generator=gen)                     # two classes, 64 embeddings each
+    classes = torch.tensor([0] * 5 + [1] * 5)
+    collapsed = real.mean(1).repeat_interleave(5, 0)               # every image at its class's mean
+    spread = torch.cat([real[0, :5], real[1, :5]])                 # real members of each class
+    assert class_mean_loss(real, collapsed, classes) < 1e-10
+    assert class_mmd_loss(real, collapsed, classes) > 1.5 * class_mmd_loss(real, spread, classes) > 0
+
+
+def test_mmd_gradient_spreads_a_collapsed_set():
+    gen = torch.Generator().manual_seed(1)
+    real = torch.randn(1, 128, 4, generator=gen)
+    fake = real.mean(1).repeat(10, 1).add(0.01 * torch.randn(10, 4, generator=gen)).requires_grad_(True)
+    classes = torch.zeros(10, dtype=torch.long)
+    opt = torch.optim.Adam([fake], lr=0.05)
+    with torch.no_grad():
+        start = float(class_mmd_loss(real, fake, classes))
+    for _ in range(150):
+        loss = class_mmd_loss(real, fake, classes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(class_mmd_loss(real, fake, classes)) < 0.5 * start
+    assert fake.detach().std(0).mean() > 0.5, "the set spreads out towards the real spread (std 1)"
+
+
+def test_unknown_objective_names_the_choices():
+    with pytest.raises(KeyError, match="choose one of: mean, mmd"):
+        MATCH_OBJECTIVES["mdm"]
+
+
+def test_match_optimises_the_mmd_objective():
+    ds = load_dataset(DataConfig(public_size=100, train_limit=600, test_limit=10))
+    images, labels = ds.private.images, ds.private.labels
+    picks = torch.cat([torch.nonzero(labels == c).flatten()[:2] for c in range(10)])
+    syn = pixel_set("pixels", images[picks], labels[picks], lr=0.5)
+    info = match([syn], images, labels, 10, 30, torch.device("cpu"), real_batch=24, log_every=29,
+                 objective="mmd")
+    losses = [loss for _, loss in syn.losses]
+    assert info["objective"] == "mmd" and len(losses) == 2 and losses[-1] < losses[0], losses
+
+
+def test_refine_objective_reaches_the_condense_config():
+    from server.cli import build_parser
+    from server.options import demo_config
+    args = build_parser().parse_args(["demo", "--refine-objective", "mmd"])
+    assert demo_config(args).condense.refine_objective == "mmd"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--refine-objective", "median"])
+
+
+def test_standard_bench_rejects_an_unknown_arm_before_any_work(tmp_path):
+    from benchmarks.standard import StandardBenchConfig, run_standard_bench
+    with pytest.raises(ValueError, match=r"unknown standard-bench arm\(s\) \['ours_refined_mdm'\].*ours_refined_mmd"):
+        run_standard_bench(StandardBenchConfig(arms=("ours", "ours_refined_mdm")), tmp_path)
+    assert not list(tmp_path.iterdir())
