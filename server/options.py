@@ -95,6 +95,8 @@ def add_federation(p: argparse.ArgumentParser) -> None:
                         "this epsilon per pooled record, labels included; the devices' latents are not noised "
                         "(docs/privacy.md)")
     p.add_argument("--central-delta", type=float, default=None, help="with --central-epsilon: delta (default 1e-5)")
+    p.add_argument("--central-iterations", type=int, default=None,
+                   help="with --central-epsilon: Adam iterations fitting the set to the release (default 150)")
     p.add_argument("--deadline", type=float, default=None, help="seconds the whole collection may take")
     p.add_argument("--retries", type=int, default=None,
                    help="ask a node that missed a round's timeout again this often before dropping it (default 2)")
@@ -136,7 +138,7 @@ def demo_config(args):
         if fed.group_size > 1 and not fed.target_epsilon:
             raise ValueError("--group-size averages latents for the DP mechanism; give --target-epsilon as well")
     central = override(cfg.central, epsilon=getattr(args, "central_epsilon", None),
-                       delta=getattr(args, "central_delta", None))
+                       delta=getattr(args, "central_delta", None), iterations=getattr(args, "central_iterations", None))
     if central.epsilon is not None and not central.epsilon > 0:
         raise ValueError(f"--central-epsilon must be > 0, got {central.epsilon}")
     if central.epsilon and fed is not None and fed.target_epsilon:

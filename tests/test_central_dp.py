@@ -85,12 +85,12 @@ def test_a_central_dp_demo_ships_a_set_whose_ledger_covers_every_pooled_record(t
     from tests.test_demo_e2e import TINY
     out = tmp_path / "run"
     assert main(["demo", "--out", str(out), "--ipc", "2", "--no-full", "--central-epsilon", "2", *TINY,
-                 "--student-steps", "10"]) == 0
+                 "--student-steps", "10", "--central-iterations", "30"]) == 0
     report = json.loads((out / "report.json").read_text())
     ledger = json.loads((out / "privacy_ledger.json").read_text())
     assert ledger["summary"]["epsilon"] <= 2.0 and ledger["summary"]["labels_public"] is False
     assert ledger["summary"]["threat_model"].startswith("trusted server") and ledger["summary"]["records"] == 1500
-    assert report["privacy"]["epsilon"] == ledger["summary"]["epsilon"]
+    assert report["privacy"]["epsilon"] == ledger["summary"]["epsilon"] and report["config"]["central"]["iterations"] == 30
     assert report["released_pool"]["chain_trained_on"].startswith("public split")
     meta = json.loads((out / "ipc2" / "manifest.json").read_text())
     assert "central-DP" in json.dumps(meta)
