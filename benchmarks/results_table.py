@@ -28,7 +28,7 @@ def _bench_rows(doc: dict, name: str) -> list[list[str]]:
         if r["labels"] != "hard":
             continue
         arm = NAMES.get(r["arm"], r["arm"])
-        if r["arm"] == "ours_refined":         # runs before the objective was an option matched class means
+        if r["arm"] == "ours_refined":         # a config without `refine_objective` matched class means
             arm += " (kernel MMD)" if cfg["condense"].get("refine_objective", "mean") == "mmd" else " (class-mean match)"
         if r["arm"] == "dm" and f"ipc{r['ipc']}" in dm:
             arm += f" ({dm['ipc' + str(r['ipc'])]['iterations']:,} of its 20,000 iterations)"

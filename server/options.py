@@ -118,6 +118,8 @@ def demo_config(args):
                     guidance_terms=getattr(args, "guidance_terms", None),
                     guidance_steps=getattr(args, "guidance_steps", None),
                     batch_size=getattr(args, "condense_batch", None), seed=args.seed)
+    from server.condense.matching import MATCH_OBJECTIVES
+    MATCH_OBJECTIVES[cond.refine_objective]      # a recipe's unknown objective fails here, before any work
     if getattr(args, "max_coverage", False):     # every latent exactly once: claims 4 and 7's one-to-one rule
         cond = replace(cond, max_coverage=True, ipc=None, selection=getattr(args, "selection", None) or "one-to-one")
     student = override(cfg.student, model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),

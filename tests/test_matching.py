@@ -52,13 +52,19 @@ def test_match_optimises_the_mmd_objective():
     assert info["objective"] == "mmd" and len(losses) == 2 and losses[-1] < losses[0], losses
 
 
-def test_refine_objective_reaches_the_condense_config():
+def test_refine_objective_reaches_the_condense_config(tmp_path):
     from server.cli import build_parser
     from server.options import demo_config
-    args = build_parser().parse_args(["demo", "--refine-objective", "mmd"])
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--refine-objective", "mmd"])
     assert demo_config(args).condense.refine_objective == "mmd"
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["demo", "--refine-objective", "median"])
+    demo = next(a for a in parser._subparsers._group_actions[0].choices["demo"]._actions
+                if a.dest == "refine_objective")
+    assert sorted(demo.choices) == MATCH_OBJECTIVES.names(), "the flag offers exactly the registered objectives"
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('inherit = "demo"\n[condense]\nrefine_objective = "median"\n')
+    with pytest.raises(KeyError, match="unknown matching objective 'median'; choose one of: mean, mmd"):
+        demo_config(parser.parse_args(["demo", "--recipe", str(recipe)]))
 
 
 def test_standard_bench_rejects_an_unknown_arm_before_any_work(tmp_path):
