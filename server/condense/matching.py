@@ -47,22 +47,24 @@ def class_mean_loss(real: torch.Tensor, fake: torch.Tensor, classes: torch.Tenso
     return (real.mean(1) - sums / counts.clamp_min(1)[:, None])[present].pow(2).sum()
 
 
-def _gaussian_kernel(a: torch.Tensor, b: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
-    d = torch.cdist(a, b).pow(2)
-    return sum(torch.exp(-d / (scale * bandwidth)) for scale in (0.5, 1.0, 2.0))
+def _gaussian_kernel(sq_dist: torch.Tensor, bandwidth: torch.Tensor) -> torch.Tensor:
+    return sum(torch.exp(-sq_dist / (scale * bandwidth)) for scale in (0.5, 1.0, 2.0))
 
 
 @MATCH_OBJECTIVES.register("mmd")
 def class_mmd_loss(real: torch.Tensor, fake: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """M3D: sum over the classes present of the Gaussian-kernel MMD^2 between real_c and fake_c."""
+    """M3D: sum over the classes present of the Gaussian-kernel MMD^2 between real_c and fake_c. The
+    real-real term holds no parameter: it is computed once, without a graph, from the distances that also
+    set the bandwidth."""
     loss = fake.new_zeros(())
     for c in classes.unique().tolist():
         r, f = real[c], fake[classes == c]
         with torch.no_grad():
-            d = torch.cdist(r, r).pow(2)
-            bandwidth = d[d > 0].median() if bool((d > 0).any()) else d.new_ones(())
-        loss = loss + (_gaussian_kernel(r, r, bandwidth).mean() + _gaussian_kernel(f, f, bandwidth).mean()
-                       - 2 * _gaussian_kernel(r, f, bandwidth).mean())
+            d_rr = torch.cdist(r, r).pow(2)
+            bandwidth = d_rr[d_rr > 0].median() if bool((d_rr > 0).any()) else d_rr.new_ones(())
+            k_rr = _gaussian_kernel(d_rr, bandwidth).mean()
+        loss = loss + (k_rr + _gaussian_kernel(torch.cdist(f, f).pow(2), bandwidth).mean()
+                       - 2 * _gaussian_kernel(torch.cdist(r, f).pow(2), bandwidth).mean())
     return loss
 
 
