@@ -73,6 +73,7 @@ class PrivacyCurveConfig:
     dp_sgd: DPSGDConfig = DPSGDConfig()
     dp_sgd_seeds: tuple = (0,)           # ~10 min per model on 2 CPU cores at the published 40 epochs
     teacher_kd: bool = False             # central: also score each set by the teacher-KD student (the public teacher)
+    unnoised: bool = True                # central: also fit the set to the un-noised statistic (a reference, no guarantee)
 
 
 def device_releases(ds, latents: torch.Tensor, release, cfg: PrivacyCurveConfig) -> ImageSplit:
@@ -246,7 +247,8 @@ def run_central_curve(cfg: PrivacyCurveConfig, out_dir: Path) -> Path:
 
 
 def central_release_arm(run: CurveRun) -> None:
-    """Ours: the public split alone, then per epsilon (and inf) the chain's sets fitted to the release."""
+    """Ours: the public split alone, then per epsilon (and inf, unless `cfg.unnoised` is off) the chain's sets
+    fitted to the release."""
     cfg, demo, ds, dev = run.cfg, run.demo, run.ds, run.dev
     models, chains = run.public_only()
     if cfg.teacher_kd:                                       # the public teacher; public_only's sets get scored now
@@ -260,7 +262,7 @@ def central_release_arm(run: CurveRun) -> None:
     stat = class_sums(run.dec, run.clean, ds.private.labels, ds.num_classes, nets, clip, dev)
     run.doc.update(clip_norm=clip, neighbouring=CENTRAL_NEIGHBOURING, class_sums_seconds=stat.seconds)
     ccfg = replace(demo.condense, ipc=cfg.ipc, seed=cfg.seeds[0])
-    for eps in ("inf", *cfg.epsilons):
+    for eps in ((("inf",) if cfg.unnoised else ()) + tuple(cfg.epsilons)):
         if run.over_budget(f"epsilon {eps}"):
             continue
         sigma = 0.0 if eps == "inf" else noise_for_epsilon(eps, cfg.delta)

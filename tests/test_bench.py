@@ -135,6 +135,22 @@ def test_central_privacy_curve_fits_the_public_chain_to_one_release(tmp_path):
     assert "labels inside the guarantee" in markdown(doc) and "teacher-KD student" in markdown(doc)
 
 
+def test_skip_unnoised_leaves_out_the_reference_fit(monkeypatch, tmp_path):
+    """`--skip-unnoised` reaches the curve's config; the release arm then fits only the noised points."""
+    import benchmarks.privacy_curve as curve
+    seen = []
+
+    def capture(cfg, out):
+        seen.append(cfg)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(curve, "run_privacy_curve", capture)
+    for flags in ([], ["--skip-unnoised"]):
+        with pytest.raises(KeyboardInterrupt):
+            main(["bench", "--privacy-curve", "--threat-model", "central", "--out", str(tmp_path), "--epsilons", "10",
+                  *flags])
+    assert [cfg.unnoised for cfg in seen] == [True, False]
+
+
 def test_central_curve_runs_dp_merf_and_dp_sgd_at_each_epsilon(tmp_path):
     """The central curve's DP baselines at tiny scale: DP-MERF sampled at the curve's IPC and DP-SGD (Opacus)
     on the private images, each calibrated to the epsilon of its point, beside a random real subset."""

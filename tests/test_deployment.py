@@ -15,10 +15,11 @@ from tests.flower_cluster import BIN, REPO, running_cluster
 
 # timeout: each request starts a fresh ClientApp process on every node (~5 s of CPU to import torch and
 # diffusers); beside `make test`'s other worker, healthy nodes once took over 20 s. A healthy node that misses
-# one wait is asked again and its late reply accepted (retries=1), so 30 s only costs the killed node's wait.
+# one wait is asked again, with 1.5x the wait, and its late reply accepted (retries=1): it has 20 + 30 s in all,
+# and the killed node costs those 50 s of the run.
 # chunk-size: the partitions hold 231 / 422 / 547 images, so two rounds, and the killed node has one to go.
 TINY = ("clients=3 train-limit=1200 test-limit=300 T=5 ae-steps=30 chain-steps=30 chain-batch=32 module-steps=1 "
-        "student='convnet3_w32' student-steps=20 student-loss='soft_ce' teacher-steps=10 ipc=2 no-full=true timeout=30 chunk-size=300 retries=1")
+        "student='convnet3_w32' student-steps=20 student-loss='soft_ce' teacher-steps=10 ipc=2 no-full=true timeout=20 chunk-size=300 retries=1")
 
 
 FOLDER_IMAGES = (150, 250)     # node 0: class folders of PNGs; node 1: IDX files
