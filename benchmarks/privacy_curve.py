@@ -262,7 +262,7 @@ def central_release_arm(run: CurveRun) -> None:
     stat = class_sums(run.dec, run.clean, ds.private.labels, ds.num_classes, nets, clip, dev)
     run.doc.update(clip_norm=clip, neighbouring=CENTRAL_NEIGHBOURING, class_sums_seconds=stat.seconds)
     ccfg = replace(demo.condense, ipc=cfg.ipc, seed=cfg.seeds[0])
-    for eps in ((("inf",) if cfg.unnoised else ()) + tuple(cfg.epsilons)):
+    for eps in ("inf", *cfg.epsilons) if cfg.unnoised else cfg.epsilons:
         if run.over_budget(f"epsilon {eps}"):
             continue
         sigma = 0.0 if eps == "inf" else noise_for_epsilon(eps, cfg.delta)

@@ -136,7 +136,7 @@ def test_central_privacy_curve_fits_the_public_chain_to_one_release(tmp_path):
 
 
 def test_skip_unnoised_leaves_out_the_reference_fit(monkeypatch, tmp_path):
-    """`--skip-unnoised` reaches the curve's config; the release arm then fits only the noised points."""
+    """`--skip-unnoised` reaches the curve's config as `unnoised=False`; without it the reference fit stays."""
     import benchmarks.privacy_curve as curve
     seen = []
 
