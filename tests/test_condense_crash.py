@@ -80,8 +80,8 @@ def test_two_workers_make_the_same_set_as_one(reference, tmp_path):
 
 def student(synthetic: Path, work: Path, protocol: str) -> subprocess.Popen:
     # teacher-kd: the condensing run's models and teacher (TINY without its condensation flags)
-    args = (["--epochs", "12", "--evaluators", "1", "--train-limit", "1500", "--test-limit", "200", "--device", "cpu"]
-            if protocol == "standard" else ["--student-steps", "60", "--student", "convnet3_w32", *TINY[:-4]])
+    args = (["--epochs", "8", "--evaluators", "1", "--train-limit", "1500", "--test-limit", "200", "--device", "cpu"]
+            if protocol == "standard" else ["--student-steps", "30", "--student", "convnet3_w32", *TINY[:-4]])
     return subprocess.Popen([sys.executable, "-m", "server.cli", "student", "--synthetic", str(synthetic),
                              "--protocol", protocol, "--checkpoint-dir", str(work), *args], cwd=REPO,
                             env={**ENV, "FEDCONDENSE_CHECKPOINT_S": "0"}, stdout=subprocess.PIPE,
