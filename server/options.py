@@ -59,7 +59,7 @@ def add_condense(p: argparse.ArgumentParser) -> None:
 
 
 def add_student(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student", default=None, help="convnet3 | convnet3_w32 | resnet8 | resnet18 | mobilenet_v2 | shufflenet_v2")
+    p.add_argument("--student", default=None, help="convnet3 | convnet3_w32 | resnet8 | resnet18 | mobilenet_v2 | mobilenet_v2_w05 | shufflenet_v2 | shufflenet_v2_x05")
     p.add_argument("--student-steps", type=int, default=None)
     p.add_argument("--full-epochs", type=float, default=None)
 

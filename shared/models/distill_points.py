@@ -2,8 +2,8 @@
 
 - ResNet (18, 8): after the residual addition, before the ReLU (last block of `layer3`): the input of the
   block's ReLU on its second call.
-- MobileNetV2: after BN, before the activation: the BN of the last conv block (`features[-1][1]`).
-- ShuffleNetV2: after the channel shuffle, the output of `stage3`'s last block.
+- MobileNetV2 (and at width 0.5): after BN, before the activation: the BN of the last conv block (`features[-1][1]`).
+- ShuffleNetV2 (1.0x and 0.5x): after the channel shuffle, the output of `stage3`'s last block.
 - ConvNet-3: after the instance norm of the last block, before its ReLU.
 - the server's teacher: E2's last feature map.
 """
@@ -33,9 +33,9 @@ class FeatureTap:
 def distill_point(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     if name in ("resnet18", "resnet8"):
         return model.layer3[-1].relu, "pre"
-    if name == "mobilenet_v2":
+    if name in ("mobilenet_v2", "mobilenet_v2_w05"):
         return model.features[-1][1], "post"
-    if name == "shufflenet_v2":
+    if name in ("shufflenet_v2", "shufflenet_v2_x05"):
         return model.stage3[-1], "post"
     if name in ("convnet3", "convnet3_w32"):
         return model.features[-3], "post"

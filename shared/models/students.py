@@ -65,19 +65,40 @@ def resnet8(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Modu
     return net
 
 
+def _mobilenet_v2(in_channels: int, num_classes: int, width_mult: float) -> nn.Module:
+    net = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
+    stem = net.features[0][0]
+    net.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, 1, 1, bias=False)
+    return net
+
+
 @STUDENTS.register("mobilenet_v2")
 def mobilenet_v2(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
-    net = torchvision.models.mobilenet_v2(num_classes=num_classes)
-    net.features[0][0] = nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False)
+    return _mobilenet_v2(in_channels, num_classes, 1.0)
+
+
+@STUDENTS.register("mobilenet_v2_w05")
+def mobilenet_v2_w05(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
+    """MobileNetV2 at width multiplier 0.5 (Sandler et al. 2018): a reduced-width student that trains on a CPU."""
+    return _mobilenet_v2(in_channels, num_classes, 0.5)
+
+
+def _shufflenet_v2(in_channels: int, num_classes: int, build) -> nn.Module:
+    net = build(num_classes=num_classes)
+    net.conv1[0] = nn.Conv2d(in_channels, net.conv1[0].out_channels, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
     return net
 
 
 @STUDENTS.register("shufflenet_v2")
 def shufflenet_v2(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
-    net = torchvision.models.shufflenet_v2_x1_0(num_classes=num_classes)
-    net.conv1[0] = nn.Conv2d(in_channels, 24, 3, 1, 1, bias=False)
-    net.maxpool = nn.Identity()
-    return net
+    return _shufflenet_v2(in_channels, num_classes, torchvision.models.shufflenet_v2_x1_0)
+
+
+@STUDENTS.register("shufflenet_v2_x05")
+def shufflenet_v2_x05(in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
+    """ShuffleNetV2 0.5x (Ma et al. 2018): the reduced-width student of the KD literature's tables."""
+    return _shufflenet_v2(in_channels, num_classes, torchvision.models.shufflenet_v2_x0_5)
 
 
 class EnsembleConvNet(nn.Module):
