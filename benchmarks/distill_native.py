@@ -60,14 +60,19 @@ class NativeDistillConfig:
     per_class: int = 100                  # the student's real subset: 1,000 images
     steps: int = 400                      # ~51 epochs of the subset at batch 128
     batch_size: int = 128
-    lr: float = 0.05                      # mdistiller's CIFAR students
+    lr: float = 0.05                      # mdistiller's CIFAR students (ResNets, WRNs, VGGs)
+    light_lr: float = 0.01                # mdistiller's ShuffleNet and MobileNet students: a fifth of it
     methods: tuple = tuple(METHODS)
     seeds: tuple = (0, 1, 2)
     device: str = "auto"
 
 
+LIGHT_STUDENTS = ("mobilenet_v2", "shufflenet_v2")   # name prefixes of the students mdistiller trains at LR 0.01
+
+
 def student_config(cfg: NativeDistillConfig, model: str, seed: int, steps: int) -> StudentConfig:
-    return StudentConfig(model=model, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
+    lr = cfg.light_lr if model.startswith(LIGHT_STUDENTS) else cfg.lr
+    return StudentConfig(model=model, steps=steps, batch_size=cfg.batch_size, lr=lr,
                          lr_reference_batch=cfg.batch_size, augment="affine", seed=seed)
 
 

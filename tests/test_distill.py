@@ -174,3 +174,13 @@ def test_a_native_run_on_the_same_setting_updates_its_file_whatever_device_strin
     assert sorted(r["accuracy"] for r in rows if r["method"] == "kd") == [0.6, 0.6]
     assert merged_rows(path, {**config, "seeds": [0, 1, 2]}, {"accuracy": 0.9}, new) is None
     assert merged_rows(path, config, {"accuracy": 0.8}, new) is None
+
+
+def test_native_students_train_at_their_papers_learning_rate():
+    """mdistiller trains ShuffleNet and MobileNet students at LR 0.01 and the others at 0.05; the native bench
+    follows it per student (at 0.05 DKD's beta-8 term threw a ShuffleNetV2 0.5x student to 61 %)."""
+    from benchmarks.distill_native import NativeDistillConfig, student_config
+    cfg = NativeDistillConfig()
+    lr = lambda name: student_config(cfg, name, 0, 10).lr
+    assert lr("shufflenet_v2_x05") == lr("mobilenet_v2") == cfg.light_lr == 0.01
+    assert lr("resnet8") == lr("convnet3_w32") == lr(cfg.teacher) == cfg.lr == 0.05
