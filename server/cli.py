@@ -253,7 +253,7 @@ def cmd_bench_distill_native(args) -> int:
     from benchmarks.distill_native import NativeDistillConfig, markdown, run_native_distill
     preset = {k: tuple(v) for k, v in (("seeds", args.seeds), ("students", args.students),
                                         ("methods", args.methods)) if v}
-    preset.update({k: getattr(args, k) for k in ("per_class", "native_steps")
+    preset.update({k: getattr(args, k) for k in ("per_class", "native_steps", "light_lr")
                    if getattr(args, k, None) is not None})
     if "native_steps" in preset:
         preset["steps"] = preset.pop("native_steps")
@@ -529,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention mixed channel_*, and each feature term added to KD: NAME+kd)")
     p.add_argument("--per-class", type=int, default=None, help="--distill-native: real images per class (default 100)")
     p.add_argument("--native-steps", type=int, default=None, help="--distill-native: student steps (default 400)")
+    p.add_argument("--light-lr", type=float, default=None,
+                   help="--distill-native: learning rate of the ShuffleNet and MobileNet students (default 0.01, "
+                        "mdistiller's; the other students train at 0.05)")
     add_common(p)
     add_student(p)
     add_teacher(p)

@@ -151,6 +151,22 @@ def test_skip_unnoised_leaves_out_the_reference_fit(monkeypatch, tmp_path):
     assert [cfg.unnoised for cfg in seen] == [True, False]
 
 
+def test_light_lr_reaches_the_native_bench(monkeypatch, tmp_path):
+    """`--light-lr` sets the ShuffleNet / MobileNet students' learning rate; without it mdistiller's 0.01 stays."""
+    import benchmarks.distill_native as native
+    seen = []
+
+    def capture(cfg, out):
+        seen.append(cfg)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(native, "run_native_distill", capture)
+    for flags in ([], ["--light-lr", "0.05"]):
+        with pytest.raises(KeyboardInterrupt):
+            main(["bench", "--distill-native", "--students", "shufflenet_v2_x05", "--out", str(tmp_path), *flags])
+    assert [native.student_config(cfg, "shufflenet_v2_x05", 0, 1).lr for cfg in seen] == [0.01, 0.05]
+    assert [cfg.lr for cfg in seen] == [0.05, 0.05]
+
+
 def test_central_curve_runs_dp_merf_and_dp_sgd_at_each_epsilon(tmp_path):
     """The central curve's DP baselines at tiny scale: DP-MERF sampled at the curve's IPC and DP-SGD (Opacus)
     on the private images, each calibrated to the epsilon of its point, beside a random real subset."""
