@@ -203,26 +203,30 @@ def merged_rows(path: Path, config: dict, teacher: dict, rows: list[dict]) -> tu
     """A run of some methods updates an earlier file of the same setting (data, students, subset, steps,
     seeds, and a teacher of the same test accuracy): the methods run now replace their rows, the other
     methods' rows are kept with when they were measured. Returns the rows and the methods in the order of
-    METHODS; None where the file holds another setting."""
-    if not path.exists():
-        return rows, list(config["methods"])
-    old = json.loads(path.read_text())
-    setting = lambda c: {k: v for k, v in c.items() if k not in ("methods", "device")}   # the file name names the machine
-    same = setting(old["config"]) == setting(config)
-    if not same or old["teacher"].get("accuracy") != teacher.get("accuracy"):
-        return None
-    fresh = set(config["methods"])
-    kept = [{"measured": old.get("created"), **r} for r in old["rows"] if r["method"] not in fresh]
-    methods = [m for m in METHODS if m in fresh or m in old["config"]["methods"]]
+    METHODS, whatever order they ran in; None where the file holds another setting."""
+    fresh, kept, earlier = set(config["methods"]), [], []
+    if path.exists():
+        old = json.loads(path.read_text())
+        setting = lambda c: {k: v for k, v in c.items() if k not in ("methods", "device")}   # the name names the machine
+        if setting(old["config"]) != setting(config) or old["teacher"].get("accuracy") != teacher.get("accuracy"):
+            return None
+        kept = [{"measured": old.get("created"), **r} for r in old["rows"] if r["method"] not in fresh]
+        earlier = old["config"]["methods"]
+    methods = [m for m in METHODS if m in fresh or m in earlier]
     order = {m: i for i, m in enumerate(methods)}
     return sorted(kept + rows, key=lambda r: (r["student"], r["seed"], order[r["method"]])), methods
+
+
+def lr_text(config: dict) -> str:
+    light = config.get("light_lr")              # files written before students had their own learning rate lack it
+    return f"{config['lr']}" + (f" (ShuffleNet and MobileNet students {light})" if light is not None else "")
 
 
 def markdown(doc: dict) -> str:
     t = doc["teacher"]
     lines = [f"Native setting: teacher `{t['model']}` ({100 * t['accuracy']:.2f} % test accuracy, {t['steps']} steps on "
-             f"{t['train_images']} images); {doc['protocol']}; seeds {doc['config']['seeds']} (paired); "
-             f"machine {doc['machine']}.", "",
+             f"{t['train_images']} images); {doc['protocol']}, SGD at LR {lr_text(doc['config'])}; seeds "
+             f"{doc['config']['seeds']} (paired); machine {doc['machine']}.", "",
              "| student | method | loss | accuracy % | vs KD (paired, ± SE) | >= KD within 1 SE |", "|---|---|---|---|---|---|"]
     for r in doc["summary"]:
         vs = r["vs_kd"]

@@ -174,6 +174,10 @@ def test_a_native_run_on_the_same_setting_updates_its_file_whatever_device_strin
     assert sorted(r["accuracy"] for r in rows if r["method"] == "kd") == [0.6, 0.6]
     assert merged_rows(path, {**config, "seeds": [0, 1, 2]}, {"accuracy": 0.9}, new) is None
     assert merged_rows(path, config, {"accuracy": 0.8}, new) is None
+    # a first file lists its methods in the registry's order (ce, kd, ...), whatever order they ran in
+    ran = [{"student": "s", "seed": 0, "method": m, "accuracy": 0.5} for m in ("dkd", "ce", "kd")]
+    rows, methods = merged_rows(tmp_path / "new.json", {**config, "methods": ["dkd", "ce", "kd"]}, {"accuracy": 0.9}, ran)
+    assert methods == [r["method"] for r in rows] == ["ce", "kd", "dkd"]
 
 
 def test_native_students_train_at_their_papers_learning_rate():
