@@ -135,34 +135,33 @@ def test_central_privacy_curve_fits_the_public_chain_to_one_release(tmp_path):
     assert "labels inside the guarantee" in markdown(doc) and "teacher-KD student" in markdown(doc)
 
 
-def test_skip_unnoised_leaves_out_the_reference_fit(monkeypatch, tmp_path):
-    """`--skip-unnoised` reaches the curve's config as `unnoised=False`; without it the reference fit stays."""
-    import benchmarks.privacy_curve as curve
+def configs_seen(monkeypatch, module, runner: str, commands: list) -> list:
+    """The config each command hands to `module.runner`, stopped there before any work."""
     seen = []
 
     def capture(cfg, out):
         seen.append(cfg)
         raise KeyboardInterrupt
-    monkeypatch.setattr(curve, "run_privacy_curve", capture)
-    for flags in ([], ["--skip-unnoised"]):
+    monkeypatch.setattr(module, runner, capture)
+    for argv in commands:
         with pytest.raises(KeyboardInterrupt):
-            main(["bench", "--privacy-curve", "--threat-model", "central", "--out", str(tmp_path), "--epsilons", "10",
-                  *flags])
+            main(argv)
+    return seen
+
+
+def test_skip_unnoised_leaves_out_the_reference_fit(monkeypatch, tmp_path):
+    """`--skip-unnoised` reaches the curve's config as `unnoised=False`; without it the reference fit stays."""
+    import benchmarks.privacy_curve as curve
+    base = ["bench", "--privacy-curve", "--threat-model", "central", "--out", str(tmp_path), "--epsilons", "10"]
+    seen = configs_seen(monkeypatch, curve, "run_privacy_curve", [base, [*base, "--skip-unnoised"]])
     assert [cfg.unnoised for cfg in seen] == [True, False]
 
 
 def test_light_lr_reaches_the_native_bench(monkeypatch, tmp_path):
     """`--light-lr` sets the ShuffleNet / MobileNet students' learning rate; without it mdistiller's 0.01 stays."""
     import benchmarks.distill_native as native
-    seen = []
-
-    def capture(cfg, out):
-        seen.append(cfg)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(native, "run_native_distill", capture)
-    for flags in ([], ["--light-lr", "0.05"]):
-        with pytest.raises(KeyboardInterrupt):
-            main(["bench", "--distill-native", "--students", "shufflenet_v2_x05", "--out", str(tmp_path), *flags])
+    base = ["bench", "--distill-native", "--students", "shufflenet_v2_x05", "--out", str(tmp_path)]
+    seen = configs_seen(monkeypatch, native, "run_native_distill", [base, [*base, "--light-lr", "0.05"]])
     assert [native.student_config(cfg, "shufflenet_v2_x05", 0, 1).lr for cfg in seen] == [0.01, 0.05]
     assert [cfg.lr for cfg in seen] == [0.05, 0.05]
 
