@@ -160,7 +160,7 @@ def run_native_distill(cfg: NativeDistillConfig, out: Path) -> Path:
     if merged is None:                           # another setting's file: keep it, write beside it
         path = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M')}.json")
         print(f"{path.name}: the file of this name holds another setting (teacher, data or seeds); kept as is")
-    rows, methods = merged or (rows, list(config["methods"]))
+    rows, methods = merged or merged_rows(path, config, teacher_info, rows)   # the new name: a first file
     config["methods"] = methods
     doc = {"protocol": "native: teacher on all training images, student on a real subset of "
                        f"{cfg.per_class} per class, {cfg.steps} steps",

@@ -33,9 +33,9 @@ class FeatureTap:
 def distill_point(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     if name in ("resnet18", "resnet8"):
         return model.layer3[-1].relu, "pre"
-    if name in ("mobilenet_v2", "mobilenet_v2_w05"):
+    if name.startswith("mobilenet_v2"):          # every width
         return model.features[-1][1], "post"
-    if name in ("shufflenet_v2", "shufflenet_v2_x05"):
+    if name.startswith("shufflenet_v2"):         # 1.0x and 0.5x
         return model.stage3[-1], "post"
     if name in ("convnet3", "convnet3_w32"):
         return model.features[-3], "post"
