@@ -6,7 +6,10 @@ Arms per IPC and condensation seed (each scored by `evaluators` ConvNet-3s train
   `ours_patent` (the gradient-free chain: no guidance), `ours` (the recipe's default), `ours_refined`
   (latents refined by distribution matching, the recipe's objective), `ours_refined_mean` /
   `ours_refined_mmd` (the refinement with DM's class-mean match / M3D's kernel MMD, whatever the recipe
-  says), `ours_formed` (multi-image formation x2), `ours_formed_refined` (both);
+  says), `ours_refined_trained` (the recipe's objective through trained networks, IDM's model sampling),
+  `ours_refined_idm` (IDM: class-mean match through trained networks plus its class-aware term, weight
+  0.5 up to IPC 10 and 0.1 above, as IDM's commands set it), `ours_formed` (multi-image formation x2),
+  `ours_formed_refined` (both);
 - `random_real` (equal per-class count), `random_real_formed` (4 real images per stored image, formed
   alike), `herding`, `k_center` (coresets in the features of a ConvNet-3 trained on all the data),
   `dm` (Distribution Matching at its published settings unless `dm_iterations` says otherwise);
@@ -50,12 +53,20 @@ PUBLISHED = {  # Fashion-MNIST, ConvNet-3, hard labels, IPC 1 / 10 / 50 (each pa
 OURS = {"ours_patent": dict(guidance=0.0), "ours": {}, "ours_refined": dict(refine=True),
         "ours_refined_mean": dict(refine=True, refine_objective="mean"),
         "ours_refined_mmd": dict(refine=True, refine_objective="mmd"),
+        "ours_refined_trained": dict(refine=True, refine_networks="trained"),
+        "ours_refined_idm": dict(refine=True, refine_objective="mean", refine_networks="trained",
+                                 refine_ce_weight="idm"),
         "ours_formed": dict(formation=2), "ours_formed_refined": dict(formation=2, refine=True),
         "ours_mixed_refined": dict(class_plan="mixed", refine=True)}
 ARMS = (*(a for a in OURS if not a.startswith("ours_refined_")), "random_real", "random_real_formed", "herding",
         "k_center", "dm")                            # the default arms; `ours_refined_<objective>` on request
 MAX_COVERAGE_ARMS = {"max_coverage": {}, "max_coverage_patent": dict(guidance=0.0, refine_iterations=0),
                      "max_coverage_random_real": None}
+
+
+def idm_ce_weight(ipc: int) -> float:
+    """IDM's class-aware weight at this IPC: 0.5 at IPC 1 and 10, 0.1 at 50 (its CIFAR-10 commands)."""
+    return 0.5 if ipc <= 10 else 0.1
 
 
 @dataclass
@@ -210,14 +221,18 @@ def ours_sets(ipc: int, ctx: dict, cfg: StandardBenchConfig, dev, run: Run) -> l
         factor = opts.get("formation", 1)
         base = chains[chain_key(opts)]
         if opts.get("refine"):
+            settings = {k: v for k, v in opts.items() if k.startswith("refine_")}
+            if settings.get("refine_ce_weight") == "idm":
+                settings["refine_ce_weight"] = idm_ce_weight(ipc)
             rcfg = replace(cfg.condense, refine_iterations=cfg.refine_iterations, refine_lr=cfg.refine_lr,
-                           formation=factor, seed=cfg.seeds[0],
-                           refine_objective=opts.get("refine_objective", cfg.condense.refine_objective))
+                           formation=factor, seed=cfg.seeds[0], **settings)
             base = refined(base, pool.images, pool.labels, k, ctx["models"]["decoder"], rcfg, dev,
                            time_limit=max(30.0, 0.15 * run.left()))
             run.doc["condense_seconds"][f"refine|{arm}|ipc{ipc}"] = [base[0].meta["refine"]["seconds"] / len(base)]
             run.doc.setdefault("refine", {})[f"{arm}|ipc{ipc}"] = {
-                "iterations": base[0].meta["refine"]["iterations"], "losses": [b.meta["refine"]["losses"] for b in base]}
+                "iterations": base[0].meta["refine"]["iterations"], "losses": [b.meta["refine"]["losses"] for b in base],
+                **{k: base[0].meta["refine"][k] for k in ("objective", "networks", "ce_weight", "pool_seconds",
+                                                          "pool_accuracies") if k in base[0].meta["refine"]}}
         for seed, syn in zip(cfg.seeds, base):
             syn = formed(syn, factor)
             out.append(LabelledSet(f"{arm}|ipc{ipc}|s{seed}", syn.images, syn.labels, factor))
@@ -338,6 +353,12 @@ def random_real_like(private: ImageSplit, counts: torch.Tensor | None, seed: int
     return LabelledSet(name, private.images[idx], F.one_hot(private.labels[idx], num_classes).float())
 
 
+def result_path(out_dir: Path, recipe: str, dev: torch.device) -> Path:
+    """The run's JSON: named by the recipe (a recipe file by its stem) and the machine."""
+    name = Path(recipe).stem if str(recipe).endswith(".toml") else recipe
+    return out_dir / f"fmnist-standard-{name}-{machine_name(dev)}.json"
+
+
 def run_standard_bench(cfg: StandardBenchConfig, out_dir: Path) -> Path:
     unknown = set(cfg.arms) - set(OURS) - set(ARMS)
     if unknown:
@@ -345,7 +366,7 @@ def run_standard_bench(cfg: StandardBenchConfig, out_dir: Path) -> Path:
                          f"{' '.join(dict.fromkeys((*OURS, *ARMS)))}")
     dev = resolve_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"fmnist-standard-{cfg.recipe}-{machine_name(dev)}.json"
+    path = result_path(out_dir, cfg.recipe, dev)
     run = Run(cfg, path, dev)
     ctx = prepare(cfg, dev, run)
     if cfg.full_epochs:

@@ -51,6 +51,13 @@ def add_condense(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-objective", choices=["mean", "mmd"], default=None,
                    help="how the refinement compares each class: 'mean' (DM's class-mean match) or 'mmd' "
                         "(Gaussian-kernel MMD, as M3D); default: the recipe's")
+    p.add_argument("--refine-networks", choices=["random", "trained"], default=None,
+                   help="the networks the refinement embeds through: 'random' (a fresh ConvNet-3 each iteration, "
+                        "DM) or 'trained' (snapshots of ConvNet-3s trained on the decoded pool, IDM); default: the "
+                        "recipe's")
+    p.add_argument("--refine-ce-weight", type=float, default=None,
+                   help="IDM's class-aware term: this weight x the drawn network's accuracy (%%) x the synthetic "
+                        "images' cross-entropy (needs --refine-networks trained; IDM uses 0.5 at IPC 1 and 10)")
     p.add_argument("--condense-batch", type=int, default=None,
                    help="synthetic images per chain batch, the unit that is kept on disk for resuming and shared "
                         "out over workers (default 500)")
@@ -103,6 +110,16 @@ def add_federation(p: argparse.ArgumentParser) -> None:
                    help="ask a node that missed a round's timeout again this often before dropping it (default 2)")
 
 
+def check_refinement(cond) -> None:
+    """A recipe's refinement settings that cannot run fail here, before any work, naming the fix."""
+    from server.condense.embedders import NETWORKS
+    if cond.refine_networks not in NETWORKS:
+        raise ValueError(f"unknown refine_networks '{cond.refine_networks}'; choose one of: {', '.join(NETWORKS)}")
+    if cond.refine_ce_weight and cond.refine_networks != "trained":
+        raise ValueError(f"refine_ce_weight {cond.refine_ce_weight} needs trained matching networks: set "
+                         "refine_networks = \"trained\" (--refine-networks trained) or refine_ce_weight = 0")
+
+
 def demo_config(args):
     from shared.config import DemoConfig, FederationConfig, override
     from shared.recipe import apply_recipe
@@ -114,6 +131,8 @@ def demo_config(args):
     cond = override(cfg.condense, selection=getattr(args, "selection", None), class_plan=getattr(args, "class_plan", None),
                     formation=getattr(args, "formation", None), refine_iterations=getattr(args, "refine_iterations", None),
                     refine_lr=getattr(args, "refine_lr", None), refine_objective=getattr(args, "refine_objective", None),
+                    refine_networks=getattr(args, "refine_networks", None),
+                    refine_ce_weight=getattr(args, "refine_ce_weight", None),
                     sampler=getattr(args, "sampler", None), noise_init=getattr(args, "noise_init", None),
                     ratio=getattr(args, "ratio", None), guidance=getattr(args, "guidance", None),
                     guidance_terms=getattr(args, "guidance_terms", None),
@@ -121,6 +140,7 @@ def demo_config(args):
                     batch_size=getattr(args, "condense_batch", None), seed=args.seed)
     from server.condense.matching import MATCH_OBJECTIVES
     MATCH_OBJECTIVES[cond.refine_objective]      # a recipe's unknown objective fails here, before any work
+    check_refinement(cond)
     if getattr(args, "max_coverage", False):     # every latent exactly once: claims 4 and 7's one-to-one rule
         cond = replace(cond, max_coverage=True, ipc=None, selection=getattr(args, "selection", None) or "one-to-one")
     student = override(cfg.student, model=getattr(args, "student", None), steps=getattr(args, "student_steps", None),

@@ -68,6 +68,9 @@ class CondenseConfig:
     refine_iterations: int = 0              # latent distribution matching after the chain (server/condense/refine.py); 0: off
     refine_lr: float = 0.01                 # Adam on the chain's latents
     refine_objective: str = "mean"          # per-class comparison (server/condense/matching.py): 'mean' (DM) | 'mmd' (M3D)
+    refine_networks: str = "random"         # embedding networks (server/condense/embedders.py): 'random' (DM) | 'trained' (IDM)
+    refine_ce_weight: float = 0.0           # IDM's class-aware term x held accuracy (%); trained networks only
+    refine_pool_steps: int = 200            # training steps of each trained matching network (2 runs, a snapshot every 1/10)
     refine_real_per_class: int = 6000       # decoded pool latents per class that the refinement matches
     refine_real_batch: int = 256            # real images per class and iteration (DM's 256)
     batch_size: int = 500

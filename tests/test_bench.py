@@ -3,6 +3,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from server.cli import main
 from shared.config import StudentConfig
@@ -253,3 +254,11 @@ def test_distill_synthetic_bench_pairs_every_method_with_soft_labels_and_kd(tmp_
     assert "| convnet3_w32 | channel_sparse+kd |" in table and "Not applicable: convnet3 with channel_sparse+kd" in table
     assert path.with_suffix(".png").stat().st_size > 5000
     assert not list(tmp_path.glob("*.partial.json"))
+
+
+def test_a_recipe_file_names_the_standard_bench_result_by_its_stem(tmp_path):
+    from benchmarks.standard import result_path
+    dev = torch.device("cpu")
+    path = result_path(tmp_path, str(tmp_path / "recipes" / "trained-networks.toml"), dev)
+    assert path.parent == tmp_path and path.name.startswith("fmnist-standard-trained-networks-")
+    assert result_path(tmp_path, "demo", dev).name.startswith("fmnist-standard-demo-")

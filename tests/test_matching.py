@@ -72,3 +72,57 @@ def test_standard_bench_rejects_an_unknown_arm_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"unknown standard-bench arm\(s\) \['ours_refined_mdm'\].*ours_refined_mmd"):
         run_standard_bench(StandardBenchConfig(arms=("ours", "ours_refined_mdm")), tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def _small_split(n: int = 600):
+    ds = load_dataset(DataConfig(public_size=100, train_limit=n, test_limit=10))
+    return ds.private.images, ds.private.labels
+
+
+def test_idm_refinement_lowers_the_synthetic_cross_entropy_under_trained_networks():
+    import torch.nn.functional as F
+    from server.condense.embedders import PoolPlan, network_sampler
+    images, labels = _small_split(1400)
+    plan = PoolPlan(runs=2, steps=20, every=10, batch=64)
+    pool = network_sampler("trained", images, labels, 10, 32, torch.device("cpu"), torch.Generator(), seed=0,
+                           plan=plan)
+    accuracies = pool.accuracies
+    assert len(accuracies) == plan.runs * (plan.steps // plan.every + 1)
+    assert max(accuracies[0], accuracies[3]) < 35, "step 0 of each run is an untrained network"
+    assert min(accuracies[2], accuracies[5]) > 50, f"20 steps learn the classes: {accuracies}"
+    assert not torch.equal(pool.snapshots[0][0]["features.0.weight"], pool.snapshots[3][0]["features.0.weight"])
+
+    net = pool.net
+    net.load_state_dict(pool.snapshots[-1][0])
+    picks = torch.cat([torch.nonzero(labels == c).flatten()[:2] for c in range(10)])
+    start = images[picks] + 0.8 * torch.randn(images[picks].shape, generator=torch.Generator().manual_seed(3))
+
+    def ce(x):
+        return float(F.cross_entropy(net(x), labels[picks]))
+
+    syn = pixel_set("pixels", start, labels[picks], lr=0.5)
+    info = match([syn], images, labels, 10, 15, torch.device("cpu"), real_batch=24, width=32, log_every=14,
+                 networks="trained", ce_weight=0.5, pool=plan)       # seed 0: the same pool as above
+    assert info["networks"] == "trained" and info["pool_accuracies"] == accuracies
+    assert ce(syn.params.detach()) < 0.7 * ce(start), (ce(start), ce(syn.params.detach()))
+
+
+def test_the_class_aware_term_needs_trained_networks():
+    from server.cli import build_parser
+    from server.options import demo_config
+    images, labels = _small_split()
+    syn = pixel_set("pixels", images[:20], labels[:20])
+    with pytest.raises(ValueError, match="needs trained matching networks.*--refine-networks trained"):
+        match([syn], images, labels, 10, 1, torch.device("cpu"), ce_weight=0.5)
+    parser = build_parser()
+    with pytest.raises(ValueError, match="needs trained matching networks"):
+        demo_config(parser.parse_args(["demo", "--refine-ce-weight", "0.5"]))
+    cfg = demo_config(parser.parse_args(["demo", "--refine-networks", "trained", "--refine-ce-weight", "0.5"]))
+    assert (cfg.condense.refine_networks, cfg.condense.refine_ce_weight) == ("trained", 0.5)
+
+
+def test_the_idm_arm_takes_idms_class_aware_weight_per_ipc():
+    from benchmarks.standard import OURS, idm_ce_weight
+    assert OURS["ours_refined_idm"]["refine_networks"] == "trained"
+    assert (idm_ce_weight(1), idm_ce_weight(10), idm_ce_weight(50)) == (0.5, 0.5, 0.1)
+

@@ -1,6 +1,7 @@
 """Distribution matching (DM; Zhao & Bilen, WACV 2023) for any parameterisation of a synthetic set.
 
-Each iteration draws a freshly initialised ConvNet-3 (width 128, instance norm); for every class c the
+Each iteration draws a ConvNet-3 (width 128, instance norm): freshly initialised as DM does, or a snapshot
+of one trained on the real side as IDM does (server/condense/embedders.py); for every class c the
 mean embedding of a real batch (256 images) and of the synthetic images of class c, both under one
 siamese DSA draw, are pulled together: L = sum_c || mean f(A(real_c)) - mean f(A(syn_c)) ||^2.
 
@@ -17,6 +18,8 @@ What is optimised is a `Parameterisation`:
   sigma = 0.353 for Fashion-MNIST; the instance-normed ConvNet is near-invariant to the input scale);
 - the chain's final latents through the frozen decoder, as GLaD (Cazenavette et al., CVPR 2023) and
   LD3M optimise a generator's latents (server/condense/refine.py).
+With trained networks, IDM's class-aware regulariser can be added (`ce_weight`): the cross-entropy of the
+synthetic images' logits under the drawn network, weighted by its accuracy.
 Several sets (seeds, IPCs, variants) run in one loop, sharing each iteration's network and real
 batch; each set follows DM's update exactly, and the seeds' sets are correlated through those draws.
 """
@@ -27,10 +30,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from server.condense.embedders import PoolPlan, network_sampler
 from shared.augment import apply_dsa, draw_dsa
 from shared.device import autocast
-from shared.models.students import ConvNet
 from shared.progress import progress
 from shared.registry import Registry
 
@@ -84,14 +88,29 @@ def _real_batch(by_class: list[torch.Tensor], per: int, gen: torch.Generator) ->
     return torch.cat([idx[torch.randint(0, len(idx), (per,), generator=gen)] for idx in by_class])
 
 
+def class_ce_loss(logits: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """IDM's class-aware regulariser: the sum over the classes present of the mean cross-entropy of that
+    class's synthetic images (IDM steps each class on its own mean)."""
+    ce = F.cross_entropy(logits.float(), classes, reduction="none")
+    sums = torch.zeros(num_classes, device=ce.device).index_add_(0, classes, ce)
+    counts = torch.bincount(classes, minlength=num_classes)
+    return (sums / counts.clamp_min(1))[counts > 0].sum()
+
+
 def match(sets: list[Parameterisation], real_images: torch.Tensor, real_labels: torch.Tensor, num_classes: int,
           iterations: int, device: torch.device, real_batch: int = 256, seed: int = 0, width: int = 128,
           desc: str = "distribution matching", log_every: int = 100, time_limit: float = float("inf"),
-          objective: str = "mean") -> dict:
+          objective: str = "mean", networks: str = "random", ce_weight: float = 0.0,
+          pool: PoolPlan | None = None) -> dict:
     """Optimise every set in place for `iterations`, or until `time_limit` seconds have passed (the
-    iterations run are returned), comparing classes by `objective` (`MATCH_OBJECTIVES`); returns the time
-    and each set's loss curve."""
+    iterations run are returned), comparing classes by `objective` (`MATCH_OBJECTIVES`) through the
+    `networks` (server/condense/embedders.py). With `ce_weight` > 0 (trained networks only) IDM's
+    class-aware term is added: ce_weight x the drawn network's held accuracy (%) x `class_ce_loss`.
+    Returns the time and each set's loss curve."""
     class_loss = MATCH_OBJECTIVES[objective]
+    if ce_weight and networks != "trained":
+        raise ValueError(f"ce_weight {ce_weight} needs trained matching networks: a random network's logits "
+                         "carry no class; set networks='trained' (--refine-networks trained) or ce_weight 0")
     start = time.time()
     gen = torch.Generator().manual_seed(seed)
     by_class = [torch.nonzero(real_labels == c).flatten() for c in range(num_classes)]
@@ -106,17 +125,14 @@ def match(sets: list[Parameterisation], real_images: torch.Tensor, real_labels: 
             at = torch.nonzero(cls == c).flatten()
             rank[at] = torch.arange(len(at))
         slots.append(cls * per + rank % per)
-    c_img, side = real_images.shape[1], real_images.shape[-1]
-    net = ConvNet(c_img, num_classes, width, 3, side).to(device).requires_grad_(False)
-    layers = [m for m in net.modules() if hasattr(m, "reset_parameters") and m is not net]
+    sampler = network_sampler(networks, real_images, real_labels, num_classes, width, device, gen, seed, pool)
+    pool_seconds = time.time() - start
     done = 0
     for it in progress(range(iterations), desc=desc, unit="it"):
         if time.time() - start > time_limit:
             break
         done = it + 1
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        for layer in layers:                     # a fresh random network, initialised in place on the device
-            layer.reset_parameters()
+        net, accuracy = sampler.draw()
         idx = _real_batch(by_class, per, gen)
         draw = draw_dsa(num_classes * per, gen, torch.arange(num_classes).repeat_interleave(per))
         with torch.no_grad(), autocast(device, cpu_bf16=True):
@@ -126,14 +142,20 @@ def match(sets: list[Parameterisation], real_images: torch.Tensor, real_labels: 
             images = s.render(s.params)
             with autocast(device, cpu_bf16=True):
                 fake = net.features(apply_dsa(images, draw.subset(slot))).flatten(1).float()
+                logits = net.classifier(fake) if ce_weight else None
             loss = class_loss(real, fake, s.classes.to(device))
+            if ce_weight:
+                loss = loss + ce_weight * accuracy * class_ce_loss(logits, s.classes.to(device), num_classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if it % log_every == 0 or it == iterations - 1 or time.time() - start > time_limit:
                 s.losses.append((it, float(loss.detach())))
-    return {"seconds": time.time() - start, "iterations": done, "real_batch_per_class": per, "objective": objective,
-            "losses": {s.name: s.losses for s in sets}}
+    out = {"seconds": time.time() - start, "iterations": done, "real_batch_per_class": per, "objective": objective,
+           "networks": networks, "losses": {s.name: s.losses for s in sets}}
+    if networks == "trained":
+        out.update(ce_weight=ce_weight, pool_seconds=pool_seconds, pool_accuracies=sampler.accuracies)
+    return out
 
 
 def pixel_set(name: str, images: torch.Tensor, classes: torch.Tensor, lr: float = 0.5,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from server.condense.embedders import PoolPlan
 from server.condense.matching import Parameterisation, match
 
 
@@ -43,9 +44,11 @@ def tile_view(images: torch.Tensor, factor: int) -> torch.Tensor:
 def refine_latents(zs: list[torch.Tensor], classes: list[torch.Tensor], decoder, pool_latents: torch.Tensor,
                    pool_labels: torch.Tensor, num_classes: int, iterations: int, lr: float, device: torch.device,
                    factor: int = 1, real_per_class: int = 6000, real_batch: int = 256, seed: int = 0,
-                   time_limit: float = float("inf"), objective: str = "mean") -> dict:
+                   time_limit: float = float("inf"), objective: str = "mean", networks: str = "random",
+                   ce_weight: float = 0.0, pool_steps: int = 200) -> dict:
     """Refine several sets of chain latents (e.g. one per seed) in one loop; Adam on the latents, each class
-    compared by `objective` (server/condense/matching.py `MATCH_OBJECTIVES`).
+    compared by `objective` (server/condense/matching.py `MATCH_OBJECTIVES`) through `networks`
+    (server/condense/embedders.py; a trained pool learns from the decoded pool, `pool_steps` steps per network).
     Returns {'latents': [refined (n, c, s, s) on the CPU per set], 'losses', 'seconds'}."""
     decoder = decoder.eval().requires_grad_(False)
     real, real_labels = decoded_pool(decoder, pool_latents, pool_labels, real_per_class, device, seed)
@@ -54,7 +57,9 @@ def refine_latents(zs: list[torch.Tensor], classes: list[torch.Tensor], decoder,
     params = [Parameterisation(f"chain latents {i}", z.detach().clone().to(device).requires_grad_(True), render, cls,
                                lambda ps: torch.optim.Adam(ps, lr=lr)) for i, (z, cls) in enumerate(zip(zs, classes))]
     info = match(params, real, real_labels.to(device), num_classes, iterations, device, real_batch, seed,
-                 desc="refine latents", time_limit=time_limit, objective=objective)
+                 desc="refine latents", time_limit=time_limit, objective=objective, networks=networks,
+                 ce_weight=ce_weight, pool=PoolPlan(steps=pool_steps, every=max(1, pool_steps // 10)))
     decoder.requires_grad_(True)
     return {"latents": [p.params.detach().cpu() for p in params], "losses": [p.losses for p in params],
-            "seconds": info["seconds"], "iterations": info["iterations"]}
+            "seconds": info["seconds"], "iterations": info["iterations"],
+            **{k: info[k] for k in ("networks", "ce_weight", "pool_seconds", "pool_accuracies") if k in info}}
