@@ -11,7 +11,8 @@ NAMES = {"ours_patent": "ours: the gradient-free chain (docs/spec.md §1)", "our
          "ours_refined": "**ours: chain + guidance + latent refinement**",
          "ours_refined_mean": "ours, refinement by class-mean matching (DM)",
          "ours_refined_mmd": "ours, refinement by kernel MMD (M3D)",
-         "ours_refined_trained": "ours, refinement through trained networks (IDM's model sampling)",
+         "ours_refined_random": "ours, refinement through random networks",
+         "ours_refined_trained": "ours, refinement through trained networks (IDM's sampling)",
          "ours_refined_idm": "ours, refinement as IDM (trained networks + class-aware term)",
          "ours_formed": "ours, multi-image formation x4",
          "ours_formed_refined": "ours, formation x4 + refinement",
@@ -31,7 +32,8 @@ def _bench_rows(doc: dict, name: str) -> list[list[str]]:
         if r["labels"] != "hard":
             continue
         arm = NAMES.get(r["arm"], r["arm"])
-        if r["arm"] == "ours_refined":         # a config without `refine_objective` matched class means
+        if r["arm"] in ("ours_refined", "ours_refined_random", "ours_refined_trained"):  # the recipe's objective;
+            # a config without `refine_objective` matched class means
             arm += " (kernel MMD)" if cfg["condense"].get("refine_objective", "mean") == "mmd" else " (class-mean match)"
         if r["arm"] == "dm" and f"ipc{r['ipc']}" in dm:
             arm += f" ({dm['ipc' + str(r['ipc'])]['iterations']:,} of its 20,000 iterations)"

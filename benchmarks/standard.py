@@ -6,7 +6,8 @@ Arms per IPC and condensation seed (each scored by `evaluators` ConvNet-3s train
   `ours_patent` (the gradient-free chain: no guidance), `ours` (the recipe's default), `ours_refined`
   (latents refined by distribution matching, the recipe's objective), `ours_refined_mean` /
   `ours_refined_mmd` (the refinement with DM's class-mean match / M3D's kernel MMD, whatever the recipe
-  says), `ours_refined_trained` (the recipe's objective through trained networks, IDM's model sampling),
+  says), `ours_refined_random` / `ours_refined_trained` (the recipe's objective through fresh random
+  networks as DM draws them / through trained networks, IDM's model sampling),
   `ours_refined_idm` (IDM: class-mean match through trained networks plus its class-aware term, weight
   0.5 up to IPC 10 and 0.1 above, as IDM's commands set it), `ours_formed` (multi-image formation x2),
   `ours_formed_refined` (both);
@@ -53,6 +54,7 @@ PUBLISHED = {  # Fashion-MNIST, ConvNet-3, hard labels, IPC 1 / 10 / 50 (each pa
 OURS = {"ours_patent": dict(guidance=0.0), "ours": {}, "ours_refined": dict(refine=True),
         "ours_refined_mean": dict(refine=True, refine_objective="mean"),
         "ours_refined_mmd": dict(refine=True, refine_objective="mmd"),
+        "ours_refined_random": dict(refine=True, refine_networks="random", refine_ce_weight=0.0),
         "ours_refined_trained": dict(refine=True, refine_networks="trained"),
         "ours_refined_idm": dict(refine=True, refine_objective="mean", refine_networks="trained",
                                  refine_ce_weight="idm"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ORDER = ("ours_patent", "ours", "ours_refined", "ours_refined_mean", "ours_refined_mmd",
-         "ours_refined_trained", "ours_refined_idm", "ours_formed",
+         "ours_refined_random", "ours_refined_trained", "ours_refined_idm", "ours_formed",
          "ours_formed_refined", "ours_mixed_refined", "random_real",
          "random_real_formed", "herding", "k_center", "dm", "max_coverage", "max_coverage_patent",
          "max_coverage_random_real", "full_real")

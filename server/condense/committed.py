@@ -19,7 +19,14 @@ import shutil
 from pathlib import Path
 
 log = logging.getLogger("fedcondense.committed")
-ROOT = Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
+REPO = Path(__file__).resolve().parents[2]
+ROOT = REPO / "shared" / "checkpoints"
+
+
+def shown(path: Path) -> str:
+    """A path as results name it: from the repository root when inside it, so that files do not carry the
+    machine's layout."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _manifests() -> list[tuple[Path, dict]]:
@@ -36,7 +43,7 @@ def find(kind: str, **match) -> tuple[Path, dict] | None:
     for root, manifest in _manifests():
         entry = manifest["entries"].get(kind)
         if entry and all(entry.get(k) == v for k, v in match.items()):
-            return root / entry["dir"], {**entry, "manifest": str(root / "manifest.json"), "recipe": manifest["recipe"]}
+            return root / entry["dir"], {**entry, "manifest": shown(root / "manifest.json"), "recipe": manifest["recipe"]}
     return None
 
 
@@ -55,5 +62,5 @@ def install(kind: str, target: Path, **match) -> dict | None:
     shutil.copytree(folder, tmp)
     tmp.rename(target)
     log.info("using the committed %s checkpoint %s (%s recipe)", kind, folder, entry["recipe"])
-    return {k: entry[k] for k in ("manifest", "recipe")} | {"committed": str(folder)}
+    return {k: entry[k] for k in ("manifest", "recipe")} | {"committed": shown(folder)}
 
