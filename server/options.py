@@ -12,7 +12,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="small (the typed defaults: models a CPU trains in ~20 min) | full (shared/recipes/full.toml: "
                         "the models trained to their plateau, minutes on a GPU; committed checkpoints) | demo (what "
                         "`make demo` runs: the full recipe's models, condensation sized for 2 CPU cores) | demo-mean (demo with "
-                        "the class-mean refinement, the central-DP figures' recipe) | a .toml file")
+                        "the class-mean refinement, the central-DP figures' recipe) | demo-trained (demo refining through "
+                        "trained matching networks) | a .toml file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     p.add_argument("--cpu-precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="conv nets on a CPU: auto = bf16 where the CPU has native bf16 (default), else fp32")

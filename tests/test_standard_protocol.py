@@ -114,6 +114,14 @@ def test_recipes_inherit_and_refuse_unknown_keys(tmp_path):
     assert demo.chain.layout == "shared" and demo.protocol == "standard", "demo inherits full, then runs standard"
     assert demo.condense.refine_real_batch == 64 and apply_recipe(DemoConfig(), "full").condense.refine_real_batch == 256
     assert {"small", "demo", "full"} <= set(recipe_names())
+    from server.condense.matching import MATCH_OBJECTIVES
+    from server.options import check_refinement
+    for name in recipe_names():                      # every committed recipe passes the checks a run makes first
+        cond = apply_recipe(DemoConfig(), name).condense
+        MATCH_OBJECTIVES[cond.refine_objective]
+        check_refinement(cond)
+    trained = apply_recipe(DemoConfig(), "demo-trained").condense
+    assert (trained.refine_networks, trained.refine_pool_steps, trained.refine_objective) == ("trained", 600, "mmd")
     bad = tmp_path / "bad.toml"
     bad.write_text("[chain]\nlayers = 3\n")
     with pytest.raises(ValueError, match="unknown keys"):
