@@ -34,7 +34,10 @@ def _bench_rows(doc: dict, name: str) -> list[list[str]]:
         arm = NAMES.get(r["arm"], r["arm"])
         if r["arm"] in ("ours_refined", "ours_refined_random", "ours_refined_trained"):  # the recipe's objective;
             # a config without `refine_objective` matched class means
-            arm += " (kernel MMD)" if cfg["condense"].get("refine_objective", "mean") == "mmd" else " (class-mean match)"
+            arm += " (kernel MMD" if cfg["condense"].get("refine_objective", "mean") == "mmd" else " (class-mean match"
+            trained = r["arm"] == "ours_refined_trained" or (r["arm"] == "ours_refined"
+                                                             and cfg["condense"].get("refine_networks") == "trained")
+            arm += f", networks trained {cfg['condense']['refine_pool_steps']} steps)" if trained else ")"
         if r["arm"] == "dm" and f"ipc{r['ipc']}" in dm:
             arm += f" ({dm['ipc' + str(r['ipc'])]['iterations']:,} of its 20,000 iterations)"
         one_set = (r["arm"] == "full_real" or r["arm"].startswith("max_coverage")    # one set, seed 0
