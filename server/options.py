@@ -165,6 +165,10 @@ def demo_config(args):
                        delta=getattr(args, "central_delta", None), iterations=getattr(args, "central_iterations", None))
     if central.epsilon is not None and not central.epsilon > 0:
         raise ValueError(f"--central-epsilon must be > 0, got {central.epsilon}")
+    if central.epsilon and cond.refine_networks != "random":
+        raise ValueError("--central-epsilon fits the set to the released class-mean embeddings under the release's "
+                         "own random networks; trained matching networks would read the pool outside the release. "
+                         "Drop --refine-networks trained (or use a recipe with refine_networks = \"random\")")
     if central.epsilon and fed is not None and fed.target_epsilon:
         raise ValueError("--central-epsilon (trusted server) and --target-epsilon (DP on the device) are two threat "
                          "models; give one of them")

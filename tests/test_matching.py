@@ -126,3 +126,11 @@ def test_the_idm_arm_takes_idms_class_aware_weight_per_ipc():
     assert OURS["ours_refined_idm"]["refine_networks"] == "trained"
     assert (idm_ce_weight(1), idm_ce_weight(10), idm_ce_weight(50)) == (0.5, 0.5, 0.1)
 
+
+
+def test_central_dp_refuses_trained_matching_networks():
+    from server.cli import build_parser
+    from server.options import demo_config
+    args = build_parser().parse_args(["demo", "--central-epsilon", "10", "--refine-networks", "trained"])
+    with pytest.raises(ValueError, match="--central-epsilon fits the set to the released class-mean.*Drop --refine-networks"):
+        demo_config(args)
