@@ -38,6 +38,7 @@ from benchmarks.dm import distribution_matching
 from client.encode import encode_images
 from server.condense.chain import condense
 from server.distill.evaluate import LabelledSet, evaluate_sets, train_members
+from server.condense.embedders import NETWORK_FIELDS
 from server.condense.formation import form
 from server.pipeline import committed_match, server_teacher
 from server.condense.pretrain import load_or_train_autoencoder, load_or_train_chain
@@ -233,8 +234,7 @@ def ours_sets(ipc: int, ctx: dict, cfg: StandardBenchConfig, dev, run: Run) -> l
             run.doc["condense_seconds"][f"refine|{arm}|ipc{ipc}"] = [base[0].meta["refine"]["seconds"] / len(base)]
             run.doc.setdefault("refine", {})[f"{arm}|ipc{ipc}"] = {
                 "iterations": base[0].meta["refine"]["iterations"], "losses": [b.meta["refine"]["losses"] for b in base],
-                **{k: base[0].meta["refine"][k] for k in ("objective", "networks", "ce_weight", "pool_seconds",
-                                                          "pool_accuracies") if k in base[0].meta["refine"]}}
+                **{k: base[0].meta["refine"][k] for k in ("objective", *NETWORK_FIELDS) if k in base[0].meta["refine"]}}
         for seed, syn in zip(cfg.seeds, base):
             syn = formed(syn, factor)
             out.append(LabelledSet(f"{arm}|ipc{ipc}|s{seed}", syn.images, syn.labels, factor))

@@ -171,7 +171,8 @@ def refined(syn: SyntheticSet | list[SyntheticSet], latents, labels, num_classes
                          cfg.refine_real_per_class, cfg.refine_real_batch, seed=cfg.seed, time_limit=time_limit,
                          objective=cfg.refine_objective, networks=cfg.refine_networks,
                          ce_weight=cfg.refine_ce_weight, pool_steps=cfg.refine_pool_steps)
-    networks = {k: out[k] for k in ("networks", "ce_weight", "pool_seconds", "pool_accuracies") if k in out}
+    from server.condense.embedders import NETWORK_FIELDS
+    networks = {k: out[k] for k in NETWORK_FIELDS if k in out}
     done = with_refined_latents(sets, out, decoder, cfg, device, sets_in_one_loop=len(sets),
                                 objective=cfg.refine_objective, **networks)
     return done if many else done[0]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shared.cache import fingerprint
 from shared.device import autocast
 from shared.models.students import ConvNet
 from shared.progress import progress
@@ -104,6 +105,20 @@ def train_snapshots(real_images: torch.Tensor, real_labels: torch.Tensor, num_cl
 
 
 NETWORKS = ("random", "trained")
+NETWORK_FIELDS = ("networks", "ce_weight", "pool_seconds", "pool_accuracies")   # what a refinement reports of them
+_POOLS: dict = {}          # (real side, labels, plan, width, seed) -> snapshots: one pool per process and real side
+
+
+def trained_pool(real_images: torch.Tensor, real_labels: torch.Tensor, num_classes: int, width: int,
+                 plan: PoolPlan, device: torch.device, seed: int) -> list[tuple[dict, float]]:
+    """`train_snapshots` from the pool's own generator (`seed`), trained once per process for one real side:
+    several refinements of the same pool in one run (bench arms, IPCs) share it."""
+    key = (fingerprint(real_images), fingerprint(real_labels), plan, width, seed, str(device))
+    if key not in _POOLS:
+        _POOLS.clear()                                     # keep one pool in memory
+        gen = torch.Generator().manual_seed(seed + 7919)
+        _POOLS[key] = train_snapshots(real_images, real_labels, num_classes, width, plan, device, gen)
+    return _POOLS[key]
 
 
 def network_sampler(kind: str, real_images: torch.Tensor, real_labels: torch.Tensor, num_classes: int,
@@ -117,7 +132,6 @@ def network_sampler(kind: str, real_images: torch.Tensor, real_labels: torch.Ten
     net = ConvNet(c_img, num_classes, width, 3, side).to(device).requires_grad_(False)
     if kind == "random":
         return RandomNetworks(net, gen)
-    pool_gen = torch.Generator().manual_seed(seed + 7919)
-    snapshots = train_snapshots(real_images, real_labels, num_classes, width, plan or PoolPlan(), device, pool_gen)
+    snapshots = trained_pool(real_images, real_labels, num_classes, width, plan or PoolPlan(), device, seed)
     net.eval()
     return TrainedNetworks(net, gen, snapshots)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from server.condense.embedders import PoolPlan
+from server.condense.embedders import NETWORK_FIELDS, PoolPlan
 from server.condense.matching import Parameterisation, match
 
 
@@ -62,4 +62,4 @@ def refine_latents(zs: list[torch.Tensor], classes: list[torch.Tensor], decoder,
     decoder.requires_grad_(True)
     return {"latents": [p.params.detach().cpu() for p in params], "losses": [p.losses for p in params],
             "seconds": info["seconds"], "iterations": info["iterations"],
-            **{k: info[k] for k in ("networks", "ce_weight", "pool_seconds", "pool_accuracies") if k in info}}
+            **{k: info[k] for k in NETWORK_FIELDS if k in info}}
