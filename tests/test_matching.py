@@ -119,6 +119,10 @@ def test_the_class_aware_term_needs_trained_networks():
         demo_config(parser.parse_args(["demo", "--refine-ce-weight", "0.5"]))
     cfg = demo_config(parser.parse_args(["demo", "--refine-networks", "trained", "--refine-ce-weight", "0.5"]))
     assert (cfg.condense.refine_networks, cfg.condense.refine_ce_weight) == ("trained", 0.5)
+    from server.condense.embedders import NETWORKS
+    flag = next(a for a in parser._subparsers._group_actions[0].choices["condense"]._actions
+                if a.dest == "refine_networks")
+    assert tuple(flag.choices) == NETWORKS, "the flag offers exactly the networks the sampler knows"
 
 
 def test_the_idm_arm_takes_idms_class_aware_weight_per_ipc():
