@@ -37,7 +37,9 @@ def _bench_rows(doc: dict, name: str) -> list[list[str]]:
             arm += " (kernel MMD" if cfg["condense"].get("refine_objective", "mean") == "mmd" else " (class-mean match"
             trained = r["arm"] == "ours_refined_trained" or (r["arm"] == "ours_refined"
                                                              and cfg["condense"].get("refine_networks") == "trained")
-            arm += f", networks trained {cfg['condense']['refine_pool_steps']} steps)" if trained else ")"
+            ce = cfg["condense"].get("refine_ce_weight", 0.0) if trained else 0.0
+            arm += (f", networks trained {cfg['condense']['refine_pool_steps']} steps" if trained else "") + (
+                f", class-aware term {ce})" if ce else ")")
         if r["arm"] == "dm" and f"ipc{r['ipc']}" in dm:
             arm += f" ({dm['ipc' + str(r['ipc'])]['iterations']:,} of its 20,000 iterations)"
         one_set = (r["arm"] == "full_real" or r["arm"].startswith("max_coverage")    # one set, seed 0
